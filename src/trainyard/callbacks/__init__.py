@@ -1,0 +1,1 @@
+"""Lightning callbacks and plugins trainyard adds to the Trainer."""

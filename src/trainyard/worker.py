@@ -1,0 +1,191 @@
+"""One trial on one rank, built from the frozen config and nothing else.
+
+Whoever starts the ranks (trainyard's local launcher, srun, a Kubernetes pod, a Ray task)
+calls :func:`run_rank` with the path of ``config.yaml`` in the run directory. Ranks never
+see argv or Hydra overrides, so they cannot disagree about hyperparameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from trainyard.errors import CheckpointError, TrainingFailed
+from trainyard.freeze import load_frozen
+from trainyard.rundir import RunDir, write_json
+
+
+def global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _limit_threads(cfg: DictConfig) -> None:
+    """Ranks sharing a machine split its cores instead of each taking all of them."""
+    import torch
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertising and a deprecation it triggers itself."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*recommended to use `Trainer\(devices=1.*")
+
+
+def weights_digest(module) -> str:
+    """A hash of every parameter and buffer: equal on all ranks iff DDP kept them in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    strategy = cfg.trainer.get("strategy", "auto")
+    if strategy != "ddp":
+        return strategy
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(
+        timeout=timedelta(seconds=float(cfg.dist.timeout_s)),
+        process_group_backend=cfg.dist.get("backend"),
+        find_unused_parameters=bool(cfg.dist.get("find_unused_parameters", False)),
+    )
+
+
+def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
+    """Instantiate datamodule, task and trainer from the frozen config."""
+    from hydra.utils import instantiate
+
+    from trainyard.callbacks.checkpoint_io import AtomicCheckpointIO
+    from trainyard.models.resnet import WeightsError
+
+    datamodule = instantiate(cfg.data)
+    try:
+        net = instantiate(cfg.model)(
+            input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
+        )
+    except WeightsError as exc:
+        raise CheckpointError(
+            str(exc), fix="point model.weights at a torchvision resnet18 state_dict, or null"
+        ) from exc
+    task = instantiate(cfg.task)(
+        net=net,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        loss=instantiate(cfg.loss),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(
+        cfg.trainer,
+        strategy=build_strategy(cfg),
+        callbacks=callbacks,
+        logger=logger,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run.root),
+        enable_progress_bar=any(type(c).__name__.endswith("ProgressBar") for c in callbacks),
+    )
+    return datamodule, task, trainer
+
+
+def checked_resume_path(run: RunDir) -> str | None:
+    """``last.ckpt`` if there is one and it loads; a corrupt one stops the run, untouched."""
+    path = run.last_ckpt
+    if not path.exists():
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError("no state_dict in it")
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is corrupt and cannot be resumed from ({exc}); it was left as it is",
+            fix=f"move it away to start this trial over (mv {path} {path}.bad), "
+            "or restore a good copy",
+        ) from exc
+    return str(path)
+
+
+def _metrics(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def run_rank(config_path: str) -> float | None:
+    """Train one trial on this rank; rank 0 records status and result. Returns the metric."""
+    cfg = load_frozen(config_path)
+    run = RunDir(Path(config_path).parent)
+    rank = global_rank()
+    run.write_rank_info(rank, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    _limit_threads(cfg)
+    _quiet_lightning()
+
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = checked_resume_path(run)
+    datamodule, task, trainer = build(cfg, run)
+    if rank == 0:
+        run.transition("running", resumed_from=ckpt_path)
+    started = time.time()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise TrainingFailed("training was interrupted before it finished")
+    fit_metrics = _metrics(trainer)
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test_after_fit", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        test_metrics = _metrics(trainer)
+    metric = fit_metrics.get(cfg.monitor)
+    run.write_rank_info(
+        rank,
+        state="finished",
+        lr=[group["lr"] for group in trainer.optimizers[0].param_groups],
+        global_step=trainer.global_step,
+        weights=weights_digest(task),
+    )
+    if rank == 0:
+        write_json(run.result_file, _result(cfg, trainer, fit_metrics, test_metrics, started))
+        run.transition("completed", metric=metric)
+    return metric
+
+
+def _result(cfg, trainer, fit_metrics, test_metrics, started) -> dict[str, Any]:
+    ckpt = trainer.checkpoint_callback
+    return {
+        "monitor": cfg.monitor,
+        "value": fit_metrics.get(cfg.monitor),
+        "best_value": (
+            float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None
+        ),
+        "best_checkpoint": ckpt.best_model_path if ckpt else None,
+        "metrics": {**fit_metrics, **test_metrics},
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
+        "duration_s": round(time.time() - started, 3),
+    }

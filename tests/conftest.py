@@ -1,0 +1,82 @@
+"""Shared fixtures: the REAL config composed with Hydra's compose API and shrunk for tests
+(LHT's pattern), and a helper that runs the real entrypoint as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from trainyard import resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+# Small and fast: a couple of epochs on digits, plain-line progress, no early stopping.
+FAST = [
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=5",
+    "callbacks.early_stopping=null",
+]
+
+resolvers.register()
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str] = ()):
+    """Compose conf/train.yaml as trainyard-train would, with paths inside tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.run_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *overrides: compose_cfg(tmp_path, list(overrides))
+
+
+def train_cli(
+    args: list[str], root: Path, timeout: float = 300, env: dict | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """Run ``trainyard-train`` in a subprocess with outputs under ``root``."""
+    full_env = {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "trainyard.train", *args],
+        cwd=root,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def popen_train(args: list[str], root: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainyard.train", *args],
+        cwd=root,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in (root / "outputs").rglob("status.json"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from trainyard.errors import CheckpointError, TrainingFailed
+from trainyard.errors import CheckpointError, ConfigError, TrainingFailed
 from trainyard.freeze import load_frozen
 from trainyard.rundir import RunDir, write_json
 
@@ -88,6 +88,11 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
     except WeightsError as exc:
         raise CheckpointError(
             str(exc), fix="point model.weights at a torchvision resnet18 state_dict, or null"
+        ) from exc
+    except ValueError as exc:  # the model cannot take this data's shape
+        raise ConfigError(
+            f"model {cfg.model._target_.rsplit('.', 1)[-1]} does not fit the data: {exc}",
+            fix="pick a model for this input (images: cnn, mlp, resnet18; sequences: rnn, mlp)",
         ) from exc
     task = instantiate(cfg.task)(
         net=net,

@@ -19,9 +19,7 @@ def RunIf(min_gpus: int = 0, binaries: tuple[str, ...] = (), packages: tuple[str
     if min_gpus and _gpus() < min_gpus:
         reasons.append(f"needs {min_gpus} GPU(s)")
     reasons += [f"needs the {b} binary" for b in binaries if shutil.which(b) is None]
-    reasons += [
-        f"needs the {p} package" for p in packages if importlib.util.find_spec(p) is None
-    ]
+    reasons += [f"needs the {p} package" for p in packages if importlib.util.find_spec(p) is None]
     marks = [pytest.mark.gpu] if min_gpus else []
     marks.append(pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "runs"))
     return lambda fn: _apply(fn, marks)

@@ -1,0 +1,97 @@
+"""DDP on CPU (gloo): trainyard starts the ranks from the frozen config; Lightning never
+relaunches the script, so every rank trains the same trial, in a single run and in -m."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import popen_train, run_dirs, train_cli
+from trainyard.errors import EXIT_FAILED
+
+pytestmark = pytest.mark.slow
+
+
+def _ranks(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank?.json"))]
+
+
+def test_two_ranks_train_one_trial_in_one_directory(tmp_path):
+    out = train_cli(["trainer=ddp", "trainer.max_epochs=2", "optimizer.lr=0.003"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    [run] = run_dirs(tmp_path)
+    ranks = _ranks(run)
+    assert len(ranks) == 2
+    assert {r["host"] for r in ranks} and ranks[0]["pid"] != ranks[1]["pid"]
+    assert all(lr == 0.003 for r in ranks for lr in r["lr"])
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept them in sync
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert not list(tmp_path.glob("outputs/**/multirun.yaml"))
+
+
+def test_sweep_of_ddp_trials_keeps_every_rank_on_its_trial(tmp_path):
+    args = ["-m", "name=sw", "trainer=ddp", "trainer.max_epochs=1", "optimizer.lr=0.002,0.02"]
+    out = train_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr
+    [sweep] = list((tmp_path / "outputs" / "sw" / "sweeps").iterdir())
+    trials = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(trials) == 2  # exactly the trials asked for, nothing else anywhere
+    assert run_dirs(tmp_path) == trials
+    seen = set()
+    for trial in trials:
+        frozen_lr = float(
+            next(
+                line.split(":")[1]
+                for line in (trial / "config.yaml").read_text().splitlines()
+                if line.startswith("  lr:")
+            )
+        )
+        ranks = _ranks(trial)
+        assert len(ranks) == 2
+        assert all(lr == frozen_lr for r in ranks for lr in r["lr"])
+        assert ranks[0]["weights"] == ranks[1]["weights"]
+        seen.add(frozen_lr)
+    assert seen == {0.002, 0.02}
+
+    # relaunching the same sweep finds both trials completed and trains nothing
+    again = train_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("already completed") + again.stdout.count("already completed") == 2
+
+
+def test_a_dead_rank_fails_the_run_quickly_and_names_the_rank(tmp_path):
+    args = [
+        "trainer=ddp",
+        "trainer.max_epochs=500",
+        "callbacks.early_stopping=null",
+        "dist.timeout_s=60",
+    ]
+    proc = popen_train(args, tmp_path)
+    runs = tmp_path / "outputs" / "default" / "runs"
+
+    def rank1_training():
+        info = next(runs.glob("*/ranks/rank1.json"), None)
+        status = next(runs.glob("*/status.json"), None)
+        return info and status and json.loads(status.read_text())["state"] == "running"
+
+    deadline = time.monotonic() + 120
+    while not rank1_training():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # well into the training loop
+    info_file = next(runs.glob("*/ranks/rank1.json"))
+    os.kill(json.loads(info_file.read_text())["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - killed
+    assert proc.returncode == EXIT_FAILED
+    assert "rank 1" in stderr and "SIGKILL" in stderr
+    assert took < 30, f"took {took:.1f}s to notice the dead rank"
+    status = json.loads((info_file.parents[1] / "status.json").read_text())
+    assert status["state"] == "failed" and "rank 1" in status["history"][-1]["error"]

@@ -1,0 +1,162 @@
+"""The real entrypoint, as users run it: subprocesses, real files, real exit codes."""
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import popen_train, run_dirs, train_cli
+from trainyard.errors import EXIT_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for(predicate, timeout: float, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def test_default_trains_to_95_percent_and_a_rerun_does_not_train_again(tmp_path):
+    out = train_cli([], tmp_path)
+    assert out.returncode == 0, out.stderr
+    [run] = run_dirs(tmp_path)
+    assert run == tmp_path / "outputs" / "default" / "runs" / "default"
+    result = json.loads((run / "result.json").read_text())
+    assert result["metrics"]["test/acc"] >= 0.95
+    assert result["monitor"] == "val/acc" and result["value"] == result["metrics"]["val/acc"]
+    assert "${" not in (run / "config.yaml").read_text()
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["packages"]["pytorch-lightning"] == "2.6.6"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert list((run / "logs").glob("version_0/metrics.csv"))
+    assert "epoch 10/10" in out.stdout  # plain progress lines when not on a terminal
+    assert "\r" not in out.stdout
+
+    ckpt_mtime = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    history = _status(run)["history"]
+    again = train_cli([], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "already completed" in again.stderr + again.stdout
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == ckpt_mtime
+    assert _status(run)["history"] == history
+
+    refused = train_cli(["resume=false"], tmp_path)
+    assert refused.returncode == EXIT_CONFIG
+    assert "resume=false" in refused.stderr and "name=<new name>" in refused.stderr
+
+
+def test_killed_run_resumes_from_last_ckpt_and_a_corrupt_one_is_left_alone(tmp_path):
+    args = ["trainer.max_epochs=25", "callbacks.early_stopping=null", "name=resume"]
+    proc = popen_train(args, tmp_path)
+    runs = tmp_path / "outputs" / "resume" / "runs"
+    last = lambda: next(runs.glob("*/checkpoints/last.ckpt"), None)  # noqa: E731
+    _wait_for(lambda: last() is not None, 120, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    run = last().parents[1]
+    assert _status(run)["state"] == "running"  # what a crash leaves behind
+
+    good = last().read_bytes()
+    last().write_bytes(good[: len(good) // 2])  # as if the disk filled up mid-write
+    broken = last().read_bytes()
+    out = train_cli(args, tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert "is corrupt" in out.stderr and "Traceback" not in out.stderr
+    assert "mv " in out.stderr  # the fix
+    assert last().read_bytes() == broken  # left exactly as it was
+
+    last().write_bytes(good)
+    out = train_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr
+    status = _status(run)
+    assert status["state"] == "completed" and status["attempt"] >= 2
+    assert status["history"][-2]["resumed_from"].endswith("last.ckpt")
+    result = json.loads((run / "result.json").read_text())
+    assert result["epochs"] == 25
+    # every attempt keeps its own metrics file
+    assert len(list((run / "logs").glob("version_*/metrics.csv"))) >= 2
+
+
+def test_unknown_option_lists_the_valid_choices(tmp_path):
+    out = train_cli(["model=transformer"], tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'model/transformer'" in out.stderr
+    for choice in ("cnn", "mlp", "resnet18", "rnn"):
+        assert choice in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_wrong_type_exits_2_with_the_fix_and_no_traceback(tmp_path):
+    out = train_cli(["data.batch_size=big"], tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert "data.batch_size must be an integer" in out.stderr
+    assert "fix: data.batch_size=64" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("where", ["/proc/trainyard-cannot-write", "{tmp}/a-file/outputs"])
+def test_unwritable_output_dir_fails_before_anything_starts(tmp_path, where):
+    (tmp_path / "a-file").write_text("")
+    out = train_cli([f"paths.output_dir={where.format(tmp=tmp_path)}"], tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert "cannot write the output directory" in out.stderr
+    assert "paths.output_dir=" in out.stderr
+
+
+def test_model_that_does_not_fit_the_data(tmp_path):
+    out = train_cli(["data=synthetic_sequence", "model=cnn"], tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert "does not fit the data" in out.stderr and "rnn" in out.stderr
+    [run] = run_dirs(tmp_path)
+    assert _status(run)["state"] == "failed"
+
+
+def test_missing_weights_file(tmp_path):
+    out = train_cli(["model=resnet18", f"model.weights={tmp_path}/nope.pth"], tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert "nope.pth does not exist" in out.stderr and "model.weights" in out.stderr
+
+
+def test_missing_dataset_without_download(tmp_path):
+    out = train_cli(["data=mnist", "data.download=false"], tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert "mnist was not found" in out.stderr and "data.download=true" in out.stderr
+
+
+def test_status_command_reads_run_directories(tmp_path):
+    import subprocess
+    import sys
+
+    out = train_cli(["trainer.max_epochs=1", "name=st"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "status", str(tmp_path / "outputs"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [row] = json.loads(status.stdout)
+    assert row["state"] == "completed" and row["attempt"] == 1
+
+
+def test_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, trainyard.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "--help"], capture_output=True, text=True
+    )
+    assert help_.returncode == 0 and "status" in help_.stdout

@@ -1,0 +1,82 @@
+"""Bad input is refused before anything starts, with a message that names the fix."""
+
+import os
+
+import pytest
+
+from trainyard import preflight
+from trainyard.errors import ConfigError
+from trainyard.freeze import freeze
+
+
+def check(cfg_factory, *overrides):
+    return preflight.check(freeze(cfg_factory(*overrides)))
+
+
+@pytest.mark.parametrize(
+    ("override", "message", "fix"),
+    [
+        (
+            "trainer.max_epochs=abc",
+            "trainer.max_epochs must be an integer",
+            "trainer.max_epochs=10",
+        ),
+        ("data.batch_size=0", "data.batch_size must be an integer >= 1", "data.batch_size=64"),
+        ("data.batch_size=12.5", "data.batch_size must be an integer", "data.batch_size=64"),
+        ("optimizer.lr=-1", "optimizer.lr must be a number > 0", "optimizer.lr=0.001"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number > 0", "optimizer.lr=0.001"),
+        ("seed=true", "seed must be an integer", "seed=42"),
+        ("trainer.precision=17", "not a precision Lightning knows", "bf16-mixed"),
+        ("trainer.precision=16-mixed", "needs a GPU", "32-true"),
+        ("name=../../etc", "name must be letters", "name=my_experiment"),
+        ("name='a b'", "name must be letters", "name=my_experiment"),
+        ("monitor_mode=up", "monitor_mode must be min or max", None),
+        ("dist.timeout_s=0", "dist.timeout_s must be a number > 0", "dist.timeout_s=300"),
+    ],
+)
+def test_wrong_values_name_the_setting_and_the_fix(cfg_factory, override, message, fix):
+    with pytest.raises(ConfigError) as info:
+        check(cfg_factory, override)
+    assert message in info.value.message
+    if fix:
+        assert fix in info.value.fix
+
+
+@pytest.mark.parametrize("devices", [0, -2])
+def test_devices_must_be_positive(cfg_factory, devices):
+    with pytest.raises(ConfigError, match=r"trainer\.devices must be a positive integer"):
+        check(cfg_factory, "trainer=ddp", f"trainer.devices={devices}")
+
+
+def test_more_devices_than_the_machine_has(cfg_factory):
+    cores = os.cpu_count()
+    with pytest.raises(ConfigError, match=f"this machine has {cores} CPU cores") as info:
+        check(cfg_factory, "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={cores + 1}")
+    assert f"trainer.devices={cores}" in info.value.fix
+
+
+def test_gpu_requested_on_a_machine_without_one(cfg_factory):
+    if preflight.visible_gpus():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible") as info:
+        check(cfg_factory, "trainer=gpu")
+    assert "trainer=cpu" in info.value.fix
+
+
+def test_several_devices_need_ddp(cfg_factory):
+    with pytest.raises(ConfigError, match="needs a data-parallel strategy") as info:
+        check(cfg_factory, "trainer.devices=2")
+    assert "trainer=ddp" in info.value.fix
+
+
+def test_multi_node_needs_a_scheduler(cfg_factory):
+    with pytest.raises(ConfigError, match="needs a scheduler") as info:
+        check(cfg_factory, "trainer.num_nodes=2")
+    assert "cluster=slurm" in info.value.fix
+
+
+def test_auto_devices_become_concrete(cfg_factory):
+    cfg = check(cfg_factory, "trainer=ddp", "trainer.devices=2")
+    assert cfg.trainer.accelerator in ("cpu", "gpu") and cfg.trainer.devices == 2
+    cfg = check(cfg_factory, "trainer.devices=auto")
+    assert cfg.trainer.devices == 1

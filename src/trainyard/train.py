@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from trainyard import resolvers
-from trainyard.errors import RunDirError, TrainyardError
+from trainyard.errors import EXIT_FAILED, RunDirError, TrainyardError
 from trainyard.freeze import freeze, load_frozen, provenance, save_frozen
 from trainyard.rundir import IDENTITY_EXCLUDED_PREFIXES, RunDir, read_json
 
@@ -115,6 +116,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # A clean message and a meaningful exit code, not a traceback through Hydra.
         print(f"trainyard: {exc.render()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception:
+        # Unexpected: the traceback is the useful part. Exit code says "training failed".
+        traceback.print_exc()
+        sys.exit(EXIT_FAILED)
 
 
 def main() -> None:

@@ -51,6 +51,12 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*recommended to use `Trainer\(devices=1.*")
 
 
+def prepare_process(cfg: DictConfig) -> None:
+    """Per-process settings, made once before anything is built."""
+    _limit_threads(cfg)
+    _quiet_lightning()
+
+
 def weights_digest(module) -> str:
     """A hash of every parameter and buffer: equal on all ranks iff DDP kept them in sync."""
     digest = hashlib.sha256()
@@ -145,8 +151,7 @@ def run_rank(config_path: str) -> float | None:
     run = RunDir(Path(config_path).parent)
     rank = global_rank()
     run.write_rank_info(rank, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    _limit_threads(cfg)
-    _quiet_lightning()
+    prepare_process(cfg)
 
     import pytorch_lightning as pl
 

@@ -1,0 +1,230 @@
+"""Per-step cost of trainyard against a hand-written PyTorch loop, side by side in one run.
+
+Every variant trains the same network (built from the same config), on the same data
+loader, batch size, optimizer (same parameter groups) and loss, on the CPU with 2 threads:
+
+- plain:          a hand-written loop (zero_grad, forward, loss, backward, step)
+- lightning-bare: a bare pytorch_lightning.Trainer with every extra switched off and a
+                  minimal LightningModule (the "1.32x / 1.17x" of notes/python-stack.md)
+- trainyard-bare: trainyard's task and Trainer set-up, callbacks and logger off
+- trainyard:      trainyard as users run it: default callbacks (checkpointing, early
+                  stopping, LR monitor, progress), CSV logger, atomic checkpoint IO, run dir
+
+A step's time is the interval between consecutive batch starts (loading, hooks, forward,
+backward, optimizer), inside one long epoch, after warm-up; variants are interleaved and
+each ratio is a median over repeats. Targets (issue #2): trainyard / plain <= 1.20 (MLP,
+batch 64), <= 1.08 (MLP, batch 256), <= 1.05 (CNN, batch 128); trainyard / trainyard-bare
+<= 1.03.
+
+Usage: python benchmarks/step_overhead.py [--repeats 5] [--steps 200] [--cases mlp64,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from _common import REPO, report
+
+CASES = {
+    # name: (overrides, targets)
+    "mlp64": (["data.shape=[784]", "model=mlp", "model.hidden=[128,64]", "data.batch_size=64"], 1.20),
+    "mlp256": (["data.shape=[784]", "model=mlp", "model.hidden=[128,64]", "data.batch_size=256"], 1.08),
+    "cnn128": (["data.shape=[3,32,32]", "model=cnn", "data.batch_size=128"], 1.05),
+}  # fmt: skip
+WARMUP = 20
+
+
+def compose(overrides: list[str], root: Path, steps: int):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from trainyard import resolvers
+
+    resolvers.register()
+    batch = int(next(o for o in overrides if o.startswith("data.batch_size")).split("=")[1])
+    samples = int((steps + WARMUP + 2) * batch / 0.99) + 1
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(
+            "train",
+            overrides=[
+                "data=synthetic",
+                f"data.num_samples={samples}",
+                "data.val_fraction=0.01",
+                "data.test_samples=64",
+                "trainer.max_epochs=1",
+                "test_after_fit=false",
+                f"paths.root_dir={root}",
+                f"paths.run_dir={root}/run",
+                *overrides,
+            ],
+        )
+
+
+class Timer:
+    """Batch-start timestamps -> per-step intervals after warm-up."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def median_step(self) -> float:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        return statistics.median(gaps[WARMUP:])
+
+
+def run_plain(cfg) -> float:
+    from hydra.utils import instantiate
+
+    from trainyard.tasks import Classifier
+
+    data = instantiate(cfg.data)
+    data.setup()
+    task = instantiate(cfg.task)(
+        net=instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes),
+        num_classes=data.num_classes,
+        optimizer=instantiate(cfg.optimizer),
+        loss=instantiate(cfg.loss),
+    )
+    net, loss_fn = task.net, task.loss_fn
+    optimizer = Classifier.configure_optimizers(task)
+    timer = Timer()
+    net.train()
+    for x, y in data.train_dataloader():
+        timer.tick()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        optimizer.step()
+    return timer.median_step()
+
+
+def _timer_callback(timer: Timer):
+    from pytorch_lightning.callbacks import Callback
+
+    class Tick(Callback):
+        def on_train_batch_start(self, *args) -> None:
+            timer.tick()
+
+    return Tick()
+
+
+def run_lightning_bare(cfg) -> float:
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    data = instantiate(cfg.data)
+    net = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
+    factory, loss_fn = instantiate(cfg.optimizer), instantiate(cfg.loss)
+
+    class Bare(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return loss_fn(self.net(x), y)
+
+        def configure_optimizers(self):
+            return factory(params=self.parameters())
+
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[_timer_callback(timer)],
+    )
+    trainer.fit(Bare(), train_dataloaders=_loader(data))
+    return timer.median_step()
+
+
+def _loader(data):
+    data.setup()
+    return data.train_dataloader()
+
+
+def run_trainyard(cfg, extras: bool, root: Path) -> float:
+    from omegaconf import OmegaConf
+
+    from trainyard import preflight
+    from trainyard.freeze import freeze
+    from trainyard.rundir import RunDir
+    from trainyard.worker import build, prepare_process
+
+    overrides = [] if extras else ["callbacks=none", "logger=none"]
+    if overrides:
+        cfg = OmegaConf.merge(cfg, {"callbacks": None, "logger": None})
+    frozen = preflight.check(freeze(cfg))
+    run = RunDir(Path(frozen.paths.run_dir))
+    prepare_process(frozen)
+    datamodule, task, trainer = build(frozen, run)
+    timer = Timer()
+    trainer.callbacks.append(_timer_callback(timer))
+    trainer.fit(task, datamodule=datamodule)
+    return timer.median_step()
+
+
+def measure(case: str, repeats: int, steps: int) -> dict[str, float]:
+    overrides, target = CASES[case]
+    results: dict[str, list[float]] = {}
+    for rep in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = compose(overrides, Path(tmp), steps)
+            runs = {
+                "plain": lambda: run_plain(cfg),
+                "lightning-bare": lambda: run_lightning_bare(cfg),
+                "trainyard-bare": lambda: run_trainyard(cfg, False, Path(tmp)),
+                "trainyard": lambda: run_trainyard(cfg, True, Path(tmp)),
+            }
+            names = list(runs)
+            names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
+            for name in names:
+                results.setdefault(name, []).append(runs[name]())
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    plain = medians["plain"]
+    report(
+        f"{case}: per-step time, median of {repeats} interleaved runs x {steps} steps",
+        [
+            *[(f"{name} [ms/step]", 1e3 * value, "") for name, value in medians.items()],
+            ("lightning-bare / plain", medians["lightning-bare"] / plain, "reference"),
+            ("trainyard / plain", medians["trainyard"] / plain, f"target <= {target:.2f}"),
+            (
+                "trainyard / trainyard-bare (callbacks, logger, progress, run dir)",
+                medians["trainyard"] / medians["trainyard-bare"],
+                "target <= 1.03",
+            ),
+        ],
+    )
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    for case in args.cases.split(","):
+        measure(case, args.repeats, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from _common import REPO, report
 
-CASES = {
-    # name: (overrides, targets)
-    "mlp64": (["data.shape=[784]", "model=mlp", "model.hidden=[128,64]", "data.batch_size=64"], 1.20),
-    "mlp256": (["data.shape=[784]", "model=mlp", "model.hidden=[128,64]", "data.batch_size=256"], 1.08),
+MLP = ["data.shape=[784]", "model=mlp", "model.hidden=[128,64]"]
+CASES = {  # name: (overrides, target ratio against the plain loop)
+    "mlp64": ([*MLP, "data.batch_size=64"], 1.20),
+    "mlp256": ([*MLP, "data.batch_size=256"], 1.08),
     "cnn128": (["data.shape=[3,32,32]", "model=cnn", "data.batch_size=128"], 1.05),
-}  # fmt: skip
+}
+VARIANTS = ("plain", "lightning-bare", "trainyard-bare", "trainyard")
 WARMUP = 20
 
 
@@ -179,23 +180,24 @@ def run_trainyard(cfg, extras: bool, root: Path) -> float:
     return timer.median_step()
 
 
+def run_variant(name: str, cfg, root: Path) -> float:
+    if name == "plain":
+        return run_plain(cfg)
+    if name == "lightning-bare":
+        return run_lightning_bare(cfg)
+    return run_trainyard(cfg, extras=name == "trainyard", root=root)
+
+
 def measure(case: str, repeats: int, steps: int) -> dict[str, float]:
     overrides, target = CASES[case]
     results: dict[str, list[float]] = {}
     for rep in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = compose(overrides, Path(tmp), steps)
-            runs = {
-                "plain": lambda: run_plain(cfg),
-                "lightning-bare": lambda: run_lightning_bare(cfg),
-                "trainyard-bare": lambda: run_trainyard(cfg, False, Path(tmp)),
-                "trainyard": lambda: run_trainyard(cfg, True, Path(tmp)),
-            }
-            names = list(runs)
-            names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
-            for name in names:
-                results.setdefault(name, []).append(runs[name]())
-    medians = {name: statistics.median(values) for name, values in results.items()}
+            shift = rep % len(VARIANTS)  # rotate the order so no variant always goes first
+            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+                results.setdefault(name, []).append(run_variant(name, cfg, Path(tmp)))
+    medians = {name: statistics.median(results[name]) for name in VARIANTS}
     plain = medians["plain"]
     report(
         f"{case}: per-step time, median of {repeats} interleaved runs x {steps} steps",

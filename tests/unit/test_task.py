@@ -32,7 +32,8 @@ def test_train_loss_reaches_the_logger_once_per_window(tmp_path):
         limit_val_batches=0,
     )
     trainer.fit(_task(), datamodule=DigitsDataModule(batch_size=32))
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == [4, 9, 14, 19]
     assert all(0 < float(r["train/loss"]) < 5 for r in rows if r.get("train/loss"))

@@ -30,7 +30,7 @@ def global_rank() -> int:
     return 0
 
 
-def _limit_threads(cfg: DictConfig) -> None:
+def _limit_threads() -> None:
     """Ranks sharing a machine split its cores instead of each taking all of them."""
     import torch
 
@@ -53,8 +53,11 @@ def _quiet_lightning() -> None:
 
 def prepare_process(cfg: DictConfig) -> None:
     """Per-process settings, made once before anything is built."""
-    _limit_threads(cfg)
+    from trainyard import lean
+
+    _limit_threads()
     _quiet_lightning()
+    lean.apply()
 
 
 def weights_digest(module) -> str:
@@ -84,6 +87,7 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
     from hydra.utils import instantiate
 
     from trainyard.callbacks.checkpoint_io import AtomicCheckpointIO
+    from trainyard.lean import FastPassThroughProfiler
     from trainyard.models.resnet import WeightsError
 
     datamodule = instantiate(cfg.data)
@@ -100,17 +104,27 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
             f"model {cfg.model._target_.rsplit('.', 1)[-1]} does not fit the data: {exc}",
             fix="pick a model for this input (images: cnn, mlp, resnet18; sequences: rnn, mlp)",
         ) from exc
+    trainer_cfg = dict(cfg.trainer)
+    # The task runs the optimization loop itself (see trainyard.tasks.classifier), so these
+    # trainer settings go to it; Lightning refuses them under manual optimization.
+    optimization = {
+        "accumulate_grad_batches": trainer_cfg.pop("accumulate_grad_batches", 1),
+        "gradient_clip_val": trainer_cfg.pop("gradient_clip_val", None),
+        "gradient_clip_algorithm": trainer_cfg.pop("gradient_clip_algorithm", None) or "norm",
+    }
     task = instantiate(cfg.task)(
         net=net,
         num_classes=datamodule.num_classes,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         loss=instantiate(cfg.loss),
+        **optimization,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer_cfg.setdefault("profiler", FastPassThroughProfiler())
     trainer = instantiate(
-        cfg.trainer,
+        trainer_cfg,
         strategy=build_strategy(cfg),
         callbacks=callbacks,
         logger=logger,

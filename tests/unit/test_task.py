@@ -35,7 +35,7 @@ def test_train_loss_reaches_the_logger_once_per_window(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert steps == [4, 9, 14, 19]
+    assert steps == [5, 10, 15, 20]  # global_step after each window's last step
     assert all(0 < float(r["train/loss"]) < 5 for r in rows if r.get("train/loss"))
 
 
@@ -64,3 +64,56 @@ def test_onecycle_gets_total_steps_from_the_trainer_and_steps_per_batch():
     assert config.interval == "step"
     assert config.scheduler.total_steps == 14
     assert config.scheduler.last_epoch == 14  # stepped after every optimizer step
+
+
+class _Automatic(pl.LightningModule):
+    """The same training written for Lightning's automatic optimization."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+
+def _fit(module, **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=50, seed=0))
+    return trainer
+
+
+def test_our_loop_matches_lightnings_automatic_optimization_with_accumulation_and_clipping():
+    def net():
+        torch.manual_seed(0)
+        return MLP((1, 8, 8), 10, hidden=[32], batch_norm=True)
+
+    ours = Classifier(
+        net=net(),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9),
+        accumulate_grad_batches=3,
+        gradient_clip_val=0.05,
+    )
+    theirs = _Automatic(net())
+    ours_trainer = _fit(ours)
+    theirs_trainer = _fit(theirs, accumulate_grad_batches=3, gradient_clip_val=0.05)
+    assert ours_trainer.global_step == theirs_trainer.global_step == 2 * 9  # ceil(26/3) x 2
+    for (name, a), (_, b) in zip(
+        ours.net.state_dict().items(), theirs.net.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name

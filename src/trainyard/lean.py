@@ -126,7 +126,7 @@ def fast_enum_identity() -> None:
     if getattr(original, "trainyard_fast", False):
         return
 
-    def __eq__(self, other) -> bool:  # noqa: N807
+    def __eq__(self, other) -> bool:
         return self is other or original(self, other)
 
     __eq__.trainyard_fast = True

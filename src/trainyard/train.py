@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainyard import resolvers
 from trainyard.errors import EXIT_FAILED, RunDirError, TrainyardError
 from trainyard.freeze import freeze, load_frozen, provenance, save_frozen
-from trainyard.rundir import IDENTITY_EXCLUDED_PREFIXES, RunDir, read_json
+from trainyard.rundir import IDENTITY_EXCLUDED_PREFIXES, RunDir, read_json, write_json
 
 log = logging.getLogger("trainyard")
 
@@ -44,8 +44,6 @@ def open_run_dir(run: RunDir, frozen: DictConfig, overrides: list[str]) -> DictC
     """
     if not run.config.exists():
         save_frozen(frozen, run.config)
-        from trainyard.rundir import write_json
-
         write_json(run.provenance, provenance(frozen.seed, overrides, SOURCE_DIR))
         run.transition("created")
         return frozen
@@ -56,12 +54,9 @@ def open_run_dir(run: RunDir, frozen: DictConfig, overrides: list[str]) -> DictC
             "or remove the directory",
         )
     existing = load_frozen(run.config)
-    if _identity(existing) != _identity(frozen):
-        changed = sorted(
-            k
-            for k in {*_identity(existing), *_identity(frozen)}
-            if _identity(existing).get(k) != _identity(frozen).get(k)
-        )
+    before, now = _identity(existing), _identity(frozen)
+    if before != now:
+        changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
         raise RunDirError(
             f"{run.root} holds a trial with the same overrides but a different config "
             f"(changed: {', '.join(changed)}); it was left untouched",

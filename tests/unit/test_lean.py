@@ -1,0 +1,77 @@
+"""trainyard.lean trims Lightning's per-step overhead without changing what runs."""
+
+import os
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+
+from trainyard import lean
+from trainyard.data import DigitsDataModule
+from trainyard.models import MLP
+from trainyard.tasks import Classifier
+
+
+class Counting(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.calls.append(pl_module._current_fx_name)
+
+
+class Silent(Callback):
+    """Implements no per-step hook: must not be dispatched to."""
+
+    def __getattribute__(self, name):
+        if name.startswith("on_before_") or name.startswith("on_after_backward"):
+            raise AssertionError(f"{name} dispatched to a callback that does not implement it")
+        return super().__getattribute__(name)
+
+
+def test_hooks_reach_exactly_the_callbacks_that_implement_them():
+    lean.apply()
+    counting, silent = Counting(), Silent()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[counting, silent],
+        profiler=lean.FastPassThroughProfiler(),
+    )
+    task = Classifier(
+        net=MLP((1, 8, 8), 10),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    assert counting.calls == ["on_train_batch_end"] * 7
+    assert task._current_fx_name is None  # restored after each dispatch
+
+
+def test_enum_comparisons_keep_their_meaning():
+    lean.apply()
+    assert TrainerFn.FITTING == "fit" and TrainerFn.FITTING == "FIT"
+    assert TrainerFn.FITTING != "validate" and TrainerFn.FITTING == TrainerFn.FITTING
+    assert RunningStage.TRAINING != RunningStage.VALIDATING
+    assert len({TrainerFn.FITTING, TrainerFn.FITTING}) == 1
+
+
+def test_cuda_probe_is_restored_only_without_gpus():
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    lean.restore_cuda_probe_without_gpus()
+    expected = "1" if torch.cuda.device_count() else "0"
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == expected
+
+
+def test_apply_is_idempotent():
+    import pytorch_lightning.trainer.call as call
+
+    lean.apply()
+    first = call._call_callback_hooks
+    lean.apply()
+    assert call._call_callback_hooks is first

@@ -17,13 +17,6 @@ from trainyard import resolvers
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-# Small and fast: a couple of epochs on digits, plain-line progress, no early stopping.
-FAST = [
-    "trainer.max_epochs=2",
-    "trainer.log_every_n_steps=5",
-    "callbacks.early_stopping=null",
-]
-
 resolvers.register()
 
 
@@ -52,12 +45,10 @@ def train_cli(
     args: list[str], root: Path, timeout: float = 300, env: dict | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
     """Run ``trainyard-train`` in a subprocess with outputs under ``root``."""
-    full_env = {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "trainyard.train", *args],
         cwd=root,
-        env=full_env,
+        env=_env(root, env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -65,13 +56,15 @@ def train_cli(
     )
 
 
+def _env(root: Path, extra: dict | None) -> dict:
+    return {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
 def popen_train(args: list[str], root: Path, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-    full_env.update(env or {})
     return subprocess.Popen(
         [sys.executable, "-m", "trainyard.train", *args],
         cwd=root,
-        env=full_env,
+        env=_env(root, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

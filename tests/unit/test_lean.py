@@ -2,11 +2,11 @@
 
 import os
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 
+from tests.helpers.trainers import quiet_trainer
 from trainyard import lean
 from trainyard.data import DigitsDataModule
 from trainyard.models import MLP
@@ -33,15 +33,8 @@ class Silent(Callback):
 def test_hooks_reach_exactly_the_callbacks_that_implement_them():
     lean.apply()
     counting, silent = Counting(), Silent()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=7,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[counting, silent],
-        profiler=lean.FastPassThroughProfiler(),
+    trainer = quiet_trainer(
+        max_steps=7, callbacks=[counting, silent], profiler=lean.FastPassThroughProfiler()
     )
     task = Classifier(
         net=MLP((1, 8, 8), 10),

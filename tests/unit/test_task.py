@@ -5,6 +5,7 @@ import csv
 import pytorch_lightning as pl
 import torch
 
+from tests.helpers.trainers import quiet_trainer
 from trainyard.data import DigitsDataModule
 from trainyard.models import MLP
 from trainyard.tasks import Classifier
@@ -21,16 +22,7 @@ def _task(**kwargs):
 
 def test_train_loss_reaches_the_logger_once_per_window(tmp_path):
     logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=23,
-        log_every_n_steps=5,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=23, log_every_n_steps=5, logger=logger)
     trainer.fit(_task(), datamodule=DigitsDataModule(batch_size=32))
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -50,15 +42,7 @@ def test_onecycle_gets_total_steps_from_the_trainer_and_steps_per_batch():
     from functools import partial
 
     task = _task(scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=7,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=7)
     trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
     [config] = trainer.lr_scheduler_configs
     assert config.interval == "step"
@@ -83,16 +67,7 @@ class _Automatic(pl.LightningModule):
 
 def _fit(module, **trainer_kwargs):
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(max_epochs=2, **trainer_kwargs)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=50, seed=0))
     return trainer
 

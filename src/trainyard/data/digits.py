@@ -1,0 +1,71 @@
+"""scikit-learn's bundled 8x8 digits: the offline default (1,797 images, 10 classes).
+
+The CSV ships inside scikit-learn; it is read directly so that importing scikit-learn
+(and SciPy behind it) does not cost every run a second of start-up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainyard.data.base import ClassificationDataModule, ShiftAugment, standardize, tensor_dataset
+from trainyard.errors import DataError
+
+
+def digits_csv_path() -> Path:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the digits dataset ships with scikit-learn, which is not installed",
+            fix="make install (or pip install scikit-learn==1.9.1)",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets/data/digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"scikit-learn's digits file is missing: {path}", fix="reinstall it")
+    return path
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(digits_csv_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 1, 8, 8), table[:, -1].astype(np.int64)
+
+
+class DigitsDataModule(ClassificationDataModule):
+    def __init__(
+        self,
+        test_fraction: float = 0.2,
+        normalize: bool = True,
+        augment: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.test_fraction = test_fraction
+        self.normalize = normalize
+        self.augment = augment
+        self.input_shape = (1, 8, 8)
+        self.num_classes = 10
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = load_digits_arrays()
+        x, y = torch.from_numpy(x) / 16.0, torch.from_numpy(y)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+        n_test = round(len(x) * self.test_fraction)
+        test_idx, rest_idx = order[:n_test], order[n_test:]
+        n_val = max(1, round(len(rest_idx) * self.val_fraction))
+        val_idx, train_idx = rest_idx[:n_val], rest_idx[n_val:]
+        xs = [x[train_idx], x[val_idx], x[test_idx]]
+        if self.normalize:
+            xs = standardize(*xs)
+        self.train_set = tensor_dataset(xs[0], y[train_idx])
+        self.val_set = tensor_dataset(xs[1], y[val_idx])
+        self.test_set = tensor_dataset(xs[2], y[test_idx])
+        if self.augment:
+            self.train_set = ShiftAugment(self.train_set, pixels=1)

@@ -1,0 +1,198 @@
+"""MNIST and CIFAR-10 through torchvision, prepared once per node.
+
+Preparation runs under a file lock in the data directory, so the ranks of a node and the
+trials of a sweep that share a directory download once while the others wait. A marker
+file is written only after the downloaded files load; a directory without it (a download
+that was cut off, a truncated file) is removed and fetched again. With
+``download=false`` a missing dataset is an error that says where to put it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from filelock import FileLock, Timeout
+
+from trainyard.data.base import ClassificationDataModule
+from trainyard.errors import DataError
+
+
+class TorchvisionDataModule(ClassificationDataModule):
+    name: ClassVar[str]
+    folder: ClassVar[str]  # the sub-folder torchvision creates under root
+    input_shape_: ClassVar[tuple[int, int, int]]
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        mirror: str | None = None,
+        normalize: bool = True,
+        augment: bool = False,
+        lock_timeout_s: float = 3600.0,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.download = download
+        self.mirror = mirror
+        self.normalize = normalize
+        self.augment = augment
+        self.lock_timeout_s = lock_timeout_s
+        self.input_shape = self.input_shape_
+        self.num_classes = 10
+
+    # -- torchvision specifics ---------------------------------------------------------
+    @abstractmethod
+    def dataset_class(self) -> type:
+        """The torchvision dataset class."""
+
+    @abstractmethod
+    def mirrored_class(self) -> type:
+        """The same class, downloading from ``self.mirror`` when one is set."""
+
+    @abstractmethod
+    def augmentations(self) -> list:
+        """Training-only transforms applied when ``augment`` is on."""
+
+    # -- preparation ---------------------------------------------------------------
+    @property
+    def marker(self) -> Path:
+        return self.root / f".{self.name}.complete"
+
+    def _loads(self) -> bool:
+        cls = self.dataset_class()
+        try:
+            cls(str(self.root), train=True, download=False)
+            cls(str(self.root), train=False, download=False)
+        except Exception:
+            return False
+        return True
+
+    def prepare_data(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(
+                f"cannot create the data directory {self.root}: {exc.strerror}",
+                fix="point paths.data_dir at a writable directory",
+            ) from exc
+        lock = FileLock(str(self.root / f".{self.name}.lock"), timeout=self.lock_timeout_s)
+        try:
+            with lock:
+                self._prepare_locked()
+        except Timeout as exc:
+            raise DataError(
+                f"waited {self.lock_timeout_s:.0f}s for another process preparing {self.name}",
+                fix=f"check for a stuck download, then remove {lock.lock_file}",
+            ) from exc
+
+    def _prepare_locked(self) -> None:
+        if self.marker.exists() and self._loads():
+            return
+        if self._loads():  # a complete copy put there by hand
+            self.marker.touch()
+            return
+        if not self.download:
+            raise DataError(
+                f"{self.name} was not found (or is incomplete) under {self.root}",
+                fix=(
+                    f"set data.download=true on a machine that can reach the dataset's "
+                    f"mirror (or data.mirror=<url>), or copy {self.folder}/ into {self.root}"
+                ),
+            )
+        shutil.rmtree(self.root / self.folder, ignore_errors=True)
+        cls = self.mirrored_class()
+        try:
+            cls(str(self.root), train=True, download=True)
+            cls(str(self.root), train=False, download=True)
+        except Exception as exc:
+            raise DataError(
+                f"downloading {self.name} into {self.root} failed: {exc}",
+                fix="check the network or data.mirror, or copy the files in by hand",
+            ) from exc
+        if not self._loads():
+            raise DataError(f"{self.name} downloaded into {self.root} but does not load")
+        self.marker.touch()
+
+    # -- datasets --------------------------------------------------------------------
+    def _transform(self, train: bool):
+        from torchvision import transforms as T
+
+        steps = list(self.augmentations()) if (train and self.augment) else []
+        steps.append(T.ToTensor())
+        if self.normalize:
+            steps.append(T.Normalize(self.mean, self.std))
+        return T.Compose(steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if not self.marker.exists():
+            raise DataError(
+                f"{self.name} is not prepared under {self.root}",
+                fix="run prepare_data first (trainyard-train does), or set data.download=true",
+            )
+        cls = self.dataset_class()
+        train_full = cls(str(self.root), train=True, transform=self._transform(train=True))
+        val_full = cls(str(self.root), train=False, transform=self._transform(train=False))
+        self.train_set, val_idx_set = self.split_train_val(train_full)
+        # validation images must not be augmented: same indices, un-augmented copy
+        plain = cls(str(self.root), train=True, transform=self._transform(train=False))
+        from torch.utils.data import Subset
+
+        self.val_set = Subset(plain, val_idx_set.indices)
+        self.test_set = val_full
+
+
+class MNISTDataModule(TorchvisionDataModule):
+    name = "mnist"
+    folder = "MNIST"
+    input_shape_ = (1, 28, 28)
+    mean, std = (0.1307,), (0.3081,)
+
+    def dataset_class(self) -> type:
+        from torchvision.datasets import MNIST
+
+        return MNIST
+
+    def mirrored_class(self) -> type:
+        base = self.dataset_class()
+        if not self.mirror:
+            return base
+        # keep the class name: torchvision derives the folder from it
+        return type("MNIST", (base,), {"mirrors": [self.mirror.rstrip("/") + "/"]})
+
+    def augmentations(self) -> list:
+        from torchvision import transforms as T
+
+        return [T.RandomCrop(28, padding=2)]
+
+
+class CIFAR10DataModule(TorchvisionDataModule):
+    name = "cifar10"
+    folder = "cifar-10-batches-py"
+    input_shape_ = (3, 32, 32)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def dataset_class(self) -> type:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10
+
+    def mirrored_class(self) -> type:
+        base = self.dataset_class()
+        if not self.mirror:
+            return base
+        url = f"{self.mirror.rstrip('/')}/{base.filename}"
+        return type("CIFAR10", (base,), {"url": url})
+
+    def augmentations(self) -> list:
+        from torchvision import transforms as T
+
+        return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]

@@ -92,7 +92,9 @@ def skip_inherited_callback_hooks() -> None:
 
     def dispatch(trainer, hook_name: str, *args, monitoring_callbacks=None, **kwargs) -> None:
         if monitoring_callbacks is not None:  # rare, and filtered by type: leave it alone
-            return original(trainer, hook_name, *args, monitoring_callbacks=None, **kwargs)
+            return original(
+                trainer, hook_name, *args, monitoring_callbacks=monitoring_callbacks, **kwargs
+            )
         callbacks = trainer.callbacks
         key = (hook_name, *map(id, callbacks))
         active = active_by_key.get(key)

@@ -3,7 +3,7 @@
 import os
 
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, EarlyStopping
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 
 from tests.helpers.trainers import quiet_trainer
@@ -16,9 +16,24 @@ from trainyard.tasks import Classifier
 class Counting(Callback):
     def __init__(self):
         self.calls = []
+        self.epoch_ends = 0
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         self.calls.append(pl_module._current_fx_name)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epoch_ends += 1
+
+
+class CountingStopper(EarlyStopping):
+    """A monitoring callback: Lightning dispatches epoch-end hooks to these separately."""
+
+    def __init__(self):
+        super().__init__(monitor="train/loss_epoch", patience=100)
+        self.epoch_ends = 0
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epoch_ends += 1
 
 
 class Silent(Callback):
@@ -32,9 +47,12 @@ class Silent(Callback):
 
 def test_hooks_reach_exactly_the_callbacks_that_implement_them():
     lean.apply()
-    counting, silent = Counting(), Silent()
+    counting, stopper, silent = Counting(), CountingStopper(), Silent()
     trainer = quiet_trainer(
-        max_steps=7, callbacks=[counting, silent], profiler=lean.FastPassThroughProfiler()
+        max_epochs=2,
+        limit_train_batches=7,
+        callbacks=[counting, stopper, silent],
+        profiler=lean.FastPassThroughProfiler(),
     )
     task = Classifier(
         net=MLP((1, 8, 8), 10),
@@ -42,7 +60,8 @@ def test_hooks_reach_exactly_the_callbacks_that_implement_them():
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
     )
     trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
-    assert counting.calls == ["on_train_batch_end"] * 7
+    assert counting.calls == ["on_train_batch_end"] * 14
+    assert counting.epoch_ends == stopper.epoch_ends == 2  # once per epoch, not twice
     assert task._current_fx_name is None  # restored after each dispatch
 
 

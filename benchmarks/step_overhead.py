@@ -215,7 +215,7 @@ def run_trainyard(cfg, extras: bool, root: Path) -> float:
         cfg = OmegaConf.merge(cfg, {"callbacks": None, "logger": None})
     frozen = preflight.check(freeze(cfg))
     run = RunDir(Path(frozen.paths.run_dir))
-    prepare_process(frozen)
+    prepare_process()
     datamodule, task, trainer = build(frozen, run)
     timer = Timer()
     trainer.callbacks.append(_timer_callback(timer))

@@ -51,7 +51,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*recommended to use `Trainer\(devices=1.*")
 
 
-def prepare_process(cfg: DictConfig) -> None:
+def prepare_process() -> None:
     """Per-process settings, made once before anything is built."""
     from trainyard import lean
 
@@ -85,6 +85,7 @@ def build_strategy(cfg: DictConfig) -> Any:
 def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
     """Instantiate datamodule, task and trainer from the frozen config."""
     from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ProgressBar
 
     from trainyard.callbacks.checkpoint_io import AtomicCheckpointIO
     from trainyard.lean import FastPassThroughProfiler
@@ -130,7 +131,7 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
         logger=logger,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run.root),
-        enable_progress_bar=any(type(c).__name__.endswith("ProgressBar") for c in callbacks),
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     return datamodule, task, trainer
 
@@ -165,7 +166,7 @@ def run_rank(config_path: str) -> float | None:
     run = RunDir(Path(config_path).parent)
     rank = global_rank()
     run.write_rank_info(rank, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    prepare_process(cfg)
+    prepare_process()
 
     import pytorch_lightning as pl
 
@@ -178,6 +179,14 @@ def run_rank(config_path: str) -> float | None:
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise TrainingFailed("training was interrupted before it finished")
+    # before testing reloads the best checkpoint on every rank (which would hide a drift)
+    run.write_rank_info(
+        rank,
+        state="fitted",
+        lr=[group["lr"] for group in trainer.optimizers[0].param_groups],
+        global_step=trainer.global_step,
+        weights=weights_digest(task),
+    )
     fit_metrics = _metrics(trainer)
     test_metrics: dict[str, float] = {}
     if cfg.get("test_after_fit", True):
@@ -185,13 +194,6 @@ def run_rank(config_path: str) -> float | None:
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         test_metrics = _metrics(trainer)
     metric = fit_metrics.get(cfg.monitor)
-    run.write_rank_info(
-        rank,
-        state="finished",
-        lr=[group["lr"] for group in trainer.optimizers[0].param_groups],
-        global_step=trainer.global_step,
-        weights=weights_digest(task),
-    )
     if rank == 0:
         write_json(run.result_file, _result(cfg, trainer, fit_metrics, test_metrics, started))
         run.transition("completed", metric=metric)

@@ -61,9 +61,14 @@ def prepare_process() -> None:
 
 
 def weights_digest(module) -> str:
-    """A hash of every parameter and buffer: equal on all ranks iff DDP kept them in sync."""
+    """A hash of every parameter: equal on all ranks iff DDP kept them in sync.
+
+    Buffers are left out on purpose: BatchNorm running statistics are updated by each
+    rank's own last forward pass, so they legitimately differ (checkpoints keep rank 0's;
+    trainer.sync_batchnorm=true synchronises them).
+    """
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(module.named_parameters()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

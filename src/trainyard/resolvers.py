@@ -19,4 +19,3 @@ def register() -> None:
         "trainyard.sweep_key", lambda ov: trial_key(list(ov)), use_cache=True
     )
     OmegaConf.register_new_resolver("trainyard.cwd", os.getcwd)
-    OmegaConf.register_new_resolver("trainyard.cpus", lambda: os.cpu_count() or 1)

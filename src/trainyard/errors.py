@@ -1,16 +1,14 @@
 """Errors that reach users, and the exit codes they map to.
 
 Every error a user can fix carries the fix in its message. Exit codes let a launcher or a
-script tell a bad config (do not retry) from a failed run (maybe retry) from a preemption
-(requeue and resume).
+script tell a bad config (do not retry) from a failed run (maybe retry).
 """
 
 from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad input: config, override, missing file. Retrying will not help.
-EXIT_FAILED = 3  # training started and failed (a rank died, loss went NaN, ...).
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume.
+EXIT_FAILED = 3  # training started and failed (a rank died, ...).
 
 
 class TrainyardError(Exception):

@@ -1,4 +1,7 @@
-"""A Lightning Trainer with every extra off, for tests of single components."""
+"""A Lightning Trainer with every extra off, for tests of single components.
+
+A helper that tests import, not a test module: it asserts nothing itself.
+"""
 
 from __future__ import annotations
 

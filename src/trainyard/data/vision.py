@@ -22,6 +22,7 @@ from trainyard.errors import DataError
 
 class TorchvisionDataModule(ClassificationDataModule):
     name: ClassVar[str]
+    torchvision_name: ClassVar[str]  # the class in torchvision.datasets
     folder: ClassVar[str]  # the sub-folder torchvision creates under root
     input_shape_: ClassVar[tuple[int, int, int]]
     mean: ClassVar[tuple[float, ...]]
@@ -48,13 +49,23 @@ class TorchvisionDataModule(ClassificationDataModule):
         self.num_classes = 10
 
     # -- torchvision specifics ---------------------------------------------------------
-    @abstractmethod
     def dataset_class(self) -> type:
-        """The torchvision dataset class."""
+        """The torchvision dataset class, imported only when needed."""
+        import torchvision.datasets
 
-    @abstractmethod
+        return getattr(torchvision.datasets, self.torchvision_name)
+
     def mirrored_class(self) -> type:
         """The same class, downloading from ``self.mirror`` when one is set."""
+        base = self.dataset_class()
+        if not self.mirror:
+            return base
+        # keep the class name: torchvision derives the folder from it
+        return type(base.__name__, (base,), self.mirror_attributes(base, self.mirror.rstrip("/")))
+
+    @abstractmethod
+    def mirror_attributes(self, base: type, mirror: str) -> dict:
+        """Class attributes that point ``base``'s download at ``mirror``."""
 
     @abstractmethod
     def augmentations(self) -> list:
@@ -152,21 +163,12 @@ class TorchvisionDataModule(ClassificationDataModule):
 
 class MNISTDataModule(TorchvisionDataModule):
     name = "mnist"
-    folder = "MNIST"
+    torchvision_name = folder = "MNIST"
     input_shape_ = (1, 28, 28)
     mean, std = (0.1307,), (0.3081,)
 
-    def dataset_class(self) -> type:
-        from torchvision.datasets import MNIST
-
-        return MNIST
-
-    def mirrored_class(self) -> type:
-        base = self.dataset_class()
-        if not self.mirror:
-            return base
-        # keep the class name: torchvision derives the folder from it
-        return type("MNIST", (base,), {"mirrors": [self.mirror.rstrip("/") + "/"]})
+    def mirror_attributes(self, base: type, mirror: str) -> dict:
+        return {"mirrors": [mirror + "/"]}
 
     def augmentations(self) -> list:
         from torchvision import transforms as T
@@ -176,21 +178,13 @@ class MNISTDataModule(TorchvisionDataModule):
 
 class CIFAR10DataModule(TorchvisionDataModule):
     name = "cifar10"
+    torchvision_name = "CIFAR10"
     folder = "cifar-10-batches-py"
     input_shape_ = (3, 32, 32)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
-    def dataset_class(self) -> type:
-        from torchvision.datasets import CIFAR10
-
-        return CIFAR10
-
-    def mirrored_class(self) -> type:
-        base = self.dataset_class()
-        if not self.mirror:
-            return base
-        url = f"{self.mirror.rstrip('/')}/{base.filename}"
-        return type("CIFAR10", (base,), {"url": url})
+    def mirror_attributes(self, base: type, mirror: str) -> dict:
+        return {"url": f"{mirror}/{base.filename}"}
 
     def augmentations(self) -> list:
         from torchvision import transforms as T

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from trainyard import resolvers
+from trainyard.conf_path import CONF_DIR  # what trainyard-train reads
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
 
 resolvers.register()
 

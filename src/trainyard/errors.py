@@ -9,6 +9,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad input: config, override, missing file. Retrying will not help.
 EXIT_FAILED = 3  # training started and failed (a rank died, ...).
+# Stopped by a preemption signal (SIGTERM, SIGUSR1/2) after saving last.ckpt at a step
+# boundary: "requeue me". 75 is EX_TEMPFAIL from sysexits.h, "try again later".
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it: 128 + 2
 
 
 class TrainyardError(Exception):
@@ -47,3 +51,31 @@ class TrainingFailed(TrainyardError):
     """Training started and did not finish (a rank died, a collective timed out, ...)."""
 
     exit_code = EXIT_FAILED
+
+
+class Stopped(TrainyardError):
+    """Training stopped on request at a step boundary; ``last.ckpt`` holds that step."""
+
+    state = "preempted"
+
+
+class Preempted(Stopped):
+    """A preemption signal: the backend requeues the trial, which resumes from last.ckpt."""
+
+    exit_code = EXIT_PREEMPTED
+    state = "preempted"
+
+
+class Interrupted(Stopped):
+    """Ctrl-C: the user stopped the run; running it again resumes it."""
+
+    exit_code = EXIT_INTERRUPTED
+    state = "interrupted"
+
+
+class InterruptNow(BaseException):
+    """A second Ctrl-C: stop immediately, without waiting for a step boundary.
+
+    A BaseException (like KeyboardInterrupt, but not one: Lightning turns KeyboardInterrupt
+    into ``sys.exit(1)``) so that no ``except Exception`` on the way swallows it.
+    """

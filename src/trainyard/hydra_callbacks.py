@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ def check_writable(directory: Path) -> str | None:
     """Create ``directory`` (and parents) if needed; return why that failed, or None."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".trainyard-write-probe"
+        # one probe per process: ranks started by torchrun or srun check the same directory
+        probe = directory / f".trainyard-write-probe.{os.getpid()}"
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         return exc.strerror or str(exc)
     return None

@@ -19,6 +19,13 @@ forking Lightning, each measured on the MLP 784-128-64-10 at batch 64 (about 730
    empty ``Callback`` method: dispatched to the callbacks that implement it (about 60 µs
    with the default callbacks).
 
+5. ``trainer.training`` and friends compare Lightning's trainer-state enums 13-16 times a
+   step through an ``__eq__`` that lower-cases both sides: an identity check first.
+
+Trims 3 to 5 copy or lean on Lightning internals, so they are applied only on the Lightning
+version they were checked against (``VERIFIED_LIGHTNING``); on any other, Lightning runs as
+shipped (slower per step, never differently) until each is re-verified.
+
 The task itself (trainyard.tasks.Classifier) removes the rest of what it can: a fast path
 for the ``_current_fx_name`` attribute Lightning sets 44 times a step, manual optimization
 instead of the closure machinery, and loss logging that bypasses the per-step result
@@ -28,9 +35,16 @@ collection.
 from __future__ import annotations
 
 import contextlib
+import logging
+import operator
 import os
 
 from pytorch_lightning.profilers import PassThroughProfiler
+
+VERIFIED_LIGHTNING = "2.6.6"  # the Lightning whose internals the trims below were checked on
+
+log = logging.getLogger("trainyard")
+_notice_given = False  # the unverified-version notice, once per process
 
 
 class FastPassThroughProfiler(PassThroughProfiler):
@@ -40,6 +54,15 @@ class FastPassThroughProfiler(PassThroughProfiler):
 
     def profile(self, action_name: str) -> contextlib.AbstractContextManager:
         return self._NULL
+
+
+def verified() -> bool:
+    """Whether the installed Lightning is the one the internals-copying trims were checked on.
+
+    Other modules with version-specific patches of their own ask this too."""
+    import pytorch_lightning
+
+    return pytorch_lightning.__version__ == VERIFIED_LIGHTNING
 
 
 def restore_cuda_probe_without_gpus() -> None:
@@ -65,6 +88,7 @@ def cache_hook_signature() -> None:
         return cache[key]
 
     cached.trainyard_cached = True
+    cached.__wrapped__ = original
     loop.is_param_in_hook_signature = cached
 
 
@@ -73,6 +97,32 @@ def _overrides(callback, hook_name: str) -> bool:
 
     base = getattr(Callback, hook_name, None)
     return getattr(type(callback), hook_name, None) is not base or hook_name in vars(callback)
+
+
+_DISPATCH = "_trainyard_dispatch"  # on the trainer: {hook: (its callbacks, implementers)}
+
+
+def _implementing(trainer, hook_name: str) -> tuple:
+    """The trainer's callbacks that implement ``hook_name``, worked out once per callback list.
+
+    Kept on the trainer, not in a global keyed on ``id()``: a callback allocated at a freed
+    one's address must not inherit its entry, and a process running many fits (a Ray actor)
+    must keep nothing once a trainer is gone. Checked object by object (``is``) against the
+    trainer's current callbacks, so one appended, removed or replaced between hooks is seen.
+    """
+    callbacks = trainer.callbacks
+    cache = vars(trainer).get(_DISPATCH)
+    if cache is None:
+        cache = vars(trainer)[_DISPATCH] = {}
+    entry = cache.get(hook_name)
+    if entry is None or not _same(entry[0], callbacks):
+        active = tuple(cb for cb in callbacks if _overrides(cb, hook_name))
+        entry = cache[hook_name] = (tuple(callbacks), active)
+    return entry[1]
+
+
+def _same(snapshot: tuple, callbacks: list) -> bool:
+    return len(snapshot) == len(callbacks) and all(map(operator.is_, snapshot, callbacks))
 
 
 def skip_inherited_callback_hooks() -> None:
@@ -88,20 +138,13 @@ def skip_inherited_callback_hooks() -> None:
     original = call._call_callback_hooks
     if getattr(original, "trainyard_filtered", False):
         return
-    active_by_key: dict[tuple, list] = {}
 
     def dispatch(trainer, hook_name: str, *args, monitoring_callbacks=None, **kwargs) -> None:
         if monitoring_callbacks is not None:  # rare, and filtered by type: leave it alone
             return original(
                 trainer, hook_name, *args, monitoring_callbacks=monitoring_callbacks, **kwargs
             )
-        callbacks = trainer.callbacks
-        key = (hook_name, *map(id, callbacks))
-        active = active_by_key.get(key)
-        if active is None:
-            if len(active_by_key) > 256:  # many fits in one process (tests): stay small
-                active_by_key.clear()
-            active = active_by_key[key] = [cb for cb in callbacks if _overrides(cb, hook_name)]
+        active = _implementing(trainer, hook_name)
         if not active:
             return None
         pl_module = trainer.lightning_module
@@ -116,28 +159,65 @@ def skip_inherited_callback_hooks() -> None:
         return None
 
     dispatch.trainyard_filtered = True
+    dispatch.__wrapped__ = original
     call._call_callback_hooks = dispatch
 
 
+def _trainer_enums() -> tuple:
+    from pytorch_lightning.trainer.states import RunningStage, TrainerFn, TrainerStatus
+
+    return TrainerFn, RunningStage, TrainerStatus
+
+
 def fast_enum_identity() -> None:
-    """``trainer.training`` and friends compare ``StrEnum`` members ~15 times a step through
-    an ``__eq__`` that lower-cases both sides; a member is equal to itself without that."""
-    from lightning_utilities.core.enums import StrEnum
+    """``trainer.training`` and friends compare ``RunningStage`` members 13-16 times a step
+    (``TrainerFn`` and ``TrainerStatus`` around loops) through an ``__eq__`` that lower-cases
+    both sides; a member is equal to itself without that.
 
-    original = StrEnum.__eq__
-    if getattr(original, "trainyard_fast", False):
-        return
+    Only these enums of Lightning's trainer get the shortcut: ``StrEnum`` itself and every
+    other subclass, anyone's, keep their own ``__eq__``."""
+    for enum in _trainer_enums():
+        original = enum.__eq__
+        if getattr(original, "trainyard_fast", False):
+            continue
+        enum.__eq__ = _identity_first(original)
+        # set after the class exists, so Python leaves __hash__ (StrEnum's) as it was
 
+
+def _identity_first(original):
     def __eq__(self, other) -> bool:
         return self is other or original(self, other)
 
     __eq__.trainyard_fast = True
-    StrEnum.__eq__ = __eq__  # __hash__ is StrEnum's own and stays
+    __eq__.__wrapped__ = original
+    return __eq__
+
+
+def _notice_unverified() -> None:
+    global _notice_given
+    if _notice_given:
+        return
+    _notice_given = True
+    import pytorch_lightning
+
+    log.warning(
+        "trainyard.lean: per-step trims verified on pytorch-lightning %s only, found %s; "
+        "using stock Lightning behaviour (correct, slower per step)",
+        VERIFIED_LIGHTNING,
+        pytorch_lightning.__version__,
+    )
 
 
 def apply() -> None:
-    """Idempotent; call once per process before building the Trainer."""
+    """Idempotent; call once per process before building the Trainer.
+
+    The NVML setting is torch's and holds for any Lightning; the trims that copy Lightning
+    internals are applied only to the version they were checked on (``verified()``).
+    """
     restore_cuda_probe_without_gpus()
+    if not verified():
+        _notice_unverified()
+        return
     cache_hook_signature()
     skip_inherited_callback_hooks()
     fast_enum_identity()

@@ -1,12 +1,20 @@
-"""Pre-flight checks on the frozen config: fail in a second, with the fix, not after the
-imports, the queue or the first epoch.
+"""Pre-flight checks: fail in a second, with the fix, not after the queue or the first epoch.
 
-Configs are plain YAML, so Hydra cannot type-check them; the settings most often mistyped
-on a command line are checked here by name.
+Two kinds, run in two places:
+
+- :func:`check_config` needs only the config, so it runs where a trial is prepared (the
+  submitting machine, possibly a login node without GPUs): types and ranges of the settings
+  most often mistyped on a command line (configs are plain YAML, so Hydra cannot
+  type-check them), consistency between settings, and every value a constructor would
+  refuse, found by building what is cheap (optimizer and scheduler on a dummy parameter,
+  the loss, the data module and the network).
+- :func:`resolve_devices` needs the machine (GPUs visible, cores), so it runs where the
+  ranks start, just before training.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -38,9 +46,22 @@ def _number(cfg: DictConfig, key: str, example: float, optional: bool = False) -
     value = OmegaConf.select(cfg, key)
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    bad_type = isinstance(value, bool) or not isinstance(value, int | float)
+    if bad_type or not math.isfinite(value) or value <= 0:
         raise ConfigError(
             f"{key} must be a number > 0, got {value!r} ({type(value).__name__})",
+            fix=f"{key}={example}",
+        )
+
+
+def _fraction(cfg: DictConfig, key: str, example: float, low: float = 0.0) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    bad_type = isinstance(value, bool) or not isinstance(value, int | float)
+    if bad_type or not low <= value < 1:
+        raise ConfigError(
+            f"{key} must be a fraction in [{low:g}, 1) (a share of the samples), got {value!r}",
             fix=f"{key}={example}",
         )
 
@@ -59,6 +80,8 @@ def check_types(cfg: DictConfig) -> None:
     _int(cfg, "trainer.accumulate_grad_batches", 1, 1)
     _int(cfg, "data.batch_size", 1, 64)
     _int(cfg, "data.num_workers", 0, 2, optional=True)
+    _fraction(cfg, "data.val_fraction", 0.1, low=1e-9)
+    _fraction(cfg, "data.test_fraction", 0.2)
     _number(cfg, "optimizer.lr", 1e-3)
     _number(cfg, "dist.timeout_s", 300)
     _number(cfg, "trainer.gradient_clip_val", 1.0, optional=True)
@@ -69,7 +92,10 @@ def check_types(cfg: DictConfig) -> None:
             fix=f"one of {', '.join(sorted(_PRECISIONS))}",
         )
     if cfg.get("monitor_mode") not in ("min", "max"):
-        raise ConfigError(f"monitor_mode must be min or max, got {cfg.get('monitor_mode')!r}")
+        raise ConfigError(
+            f"monitor_mode must be min or max, got {cfg.get('monitor_mode')!r}",
+            fix="monitor_mode=max (for accuracy) or monitor_mode=min (for a loss)",
+        )
 
 
 def visible_gpus() -> int:
@@ -119,6 +145,18 @@ def resolve_devices(cfg: DictConfig) -> tuple[str, int]:
     return accelerator, devices
 
 
+def check_machine(cfg: DictConfig) -> tuple[str, int]:
+    """Where the ranks start: (accelerator, devices per node) that this machine can give."""
+    accelerator, devices = resolve_devices(cfg)
+    if cfg.trainer.num_nodes > 1 and not launched_externally():
+        raise ConfigError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes} needs a scheduler to start the ranks "
+            "on every node",
+            fix="submit with cluster=slurm (or k8s), or set trainer.num_nodes=1",
+        )
+    return accelerator, devices
+
+
 def launched_externally() -> bool:
     """Ranks were started by a scheduler (srun, torchrun, a Kubernetes agent)."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -126,22 +164,103 @@ def launched_externally() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
-def check(cfg: DictConfig) -> DictConfig:
-    """Validate the frozen config; return it with accelerator and devices made concrete."""
-    check_types(cfg)
-    accelerator, devices = resolve_devices(cfg)
+_STRATEGIES = ("auto", "ddp")
+
+
+def check_consistency(cfg: DictConfig) -> None:
+    """Settings that contradict each other, whatever machine runs them."""
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    if devices > 1 and strategy == "auto":
+    if strategy not in _STRATEGIES:
         raise ConfigError(
-            f"trainer.devices={devices} needs a data-parallel strategy",
+            f"trainer.strategy={strategy!r} is not supported: trainyard starts the ranks "
+            "itself (or the scheduler does), so Lightning must not launch or spawn any",
+            fix="trainer=ddp (one process per device, started by trainyard or the scheduler)",
+        )
+    devices = cfg.trainer.get("devices", 1)
+    many = (isinstance(devices, int) and devices > 1) or cfg.trainer.num_nodes > 1
+    if many and strategy == "auto":
+        raise ConfigError(
+            f"trainer.devices={devices} trainer.num_nodes={cfg.trainer.num_nodes} needs a "
+            "data-parallel strategy",
             fix="trainer=ddp (or trainer.strategy=ddp)",
         )
-    if cfg.trainer.num_nodes > 1 and not launched_externally():
+    checkpoint = OmegaConf.select(cfg, "callbacks.checkpoint")
+    if checkpoint and checkpoint.get("save_last"):
         raise ConfigError(
-            f"trainer.num_nodes={cfg.trainer.num_nodes} needs a scheduler to start the ranks "
-            "on every node",
-            fix="submit with cluster=slurm (or k8s), or set trainer.num_nodes=1",
+            "callbacks.checkpoint.save_last=true: trainyard writes checkpoints/last.ckpt itself "
+            "(every epoch and on every stop), and two writers would race",
+            fix="callbacks.checkpoint.save_last=false",
         )
-    cfg.trainer.accelerator = accelerator
-    cfg.trainer.devices = devices
+    from trainyard import signals
+
+    signals.parse(OmegaConf.select(cfg, "signals.preempt", default=signals.DEFAULT_PREEMPT))
+    _int(cfg, "signals.check_every_n_steps", 1, 10, optional=True)
+
+
+def _constructing(what: str, fix: str):
+    """Turn a constructor's refusal into a ConfigError that names the settings."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{what} refuses this config: {exc}", fix=fix) from exc
+
+    return guard()
+
+
+def check_constructible(cfg: DictConfig) -> None:
+    """Build what is cheap, so a value a constructor refuses fails here, not after the
+    imports on a node: the data module (without loading data), the network, the loss on a
+    dummy batch, the optimizer and the scheduler on a dummy parameter."""
+    import torch
+    from hydra.utils import instantiate
+
+    from trainyard.models.resnet import WeightsError
+
+    with _constructing("data", "check the data.* settings"):
+        datamodule = instantiate(cfg.data)
+    shape, classes = datamodule.input_shape, datamodule.num_classes
+    try:
+        instantiate(cfg.model)(input_shape=shape, num_classes=classes)
+    except WeightsError as exc:
+        from trainyard.errors import CheckpointError
+
+        raise CheckpointError(
+            str(exc), fix="point model.weights at a torchvision resnet18 state_dict, or null"
+        ) from exc
+    except ValueError as exc:  # the model cannot take this data's shape
+        raise ConfigError(
+            f"model {cfg.model._target_.rsplit('.', 1)[-1]} does not fit the data: {exc}",
+            fix="pick a model for this input (images: cnn, mlp, resnet18; sequences: rnn, mlp)",
+        ) from exc
+    with _constructing("loss", "check the loss.* settings (loss.label_smoothing in [0, 1])"):
+        instantiate(cfg.loss)(torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
+    param = torch.nn.Parameter(torch.zeros(2))
+    with _constructing("optimizer", "check the optimizer.* settings (optimizer.lr=1e-3)"):
+        optimizer = instantiate(cfg.optimizer)(params=[param])
+    if cfg.get("scheduler"):
+        with _constructing("scheduler", "check the scheduler.* settings"):
+            factory = instantiate(cfg.scheduler)
+            extra = {}
+            keywords = getattr(factory, "keywords", {})
+            if getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR and not {
+                "total_steps",
+                "epochs",
+            } & set(keywords):
+                extra["total_steps"] = 10
+            factory(optimizer=optimizer, **extra)
+
+
+def check_config(cfg: DictConfig, build: bool = True) -> DictConfig:
+    """Everything the config alone can tell; ``build=False`` skips the constructors (and
+    the torch import they need)."""
+    check_types(cfg)
+    check_consistency(cfg)
+    if build:
+        check_constructible(cfg)
     return cfg

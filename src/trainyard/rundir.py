@@ -11,10 +11,13 @@ and two different trials never share one. Layout::
     <run_dir>/checkpoints/       last.ckpt (atomic) and the best checkpoint
     <run_dir>/logs/              logger output, one version per attempt
     <run_dir>/ranks/             one small file per rank (pid, host) for debugging
+    <run_dir>/.train.lock        held (flock) by the one process that trains the trial now
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,16 +25,23 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-# Overrides of these keys do not change what a trial trains, so they do not change its
-# identity: moving the output root, switching the logger or the progress display must find
-# the same run directory (and resume it) rather than start a new one.
-IDENTITY_EXCLUDED_PREFIXES = ("hydra", "paths", "logger", "resume", "name")
+# What defines a trial: every setting of the resolved config except these (dotted keys;
+# a key also covers everything below it). They say where files go, how data is read or how
+# progress is shown, never what is trained, so changing one finds the same run directory
+# (and resumes it with the new value) rather than starting another trial.
+NON_IDENTITY_KEYS = (
+    "hydra", "paths", "name", "resume", "test_after_fit", "fail_fast", "signals", "logger",
+    "callbacks.progress", "callbacks.lr_monitor", "callbacks.checkpoint.dirpath",
+    "data.root", "data.download", "data.mirror", "data.lock_timeout_s",
+    "data.num_workers", "data.pin_memory",
+    "dist.timeout_s", "trainer.log_every_n_steps", "trainer.enable_model_summary",
+)  # fmt: skip
 
-STATES = ("created", "running", "completed", "failed", "preempted")
+STATES = ("created", "running", "completed", "failed", "preempted", "interrupted")
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -42,19 +52,43 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SLUG_MAX = 64
 
 
-def _override_key(override: str) -> str:
-    key = override.split("=", 1)[0]
-    return key.lstrip("+~")
+def is_identity_key(key: str) -> bool:
+    """Whether a dotted config key (or a config group, ``model`` or ``hydra/launcher``)
+    takes part in a trial's identity."""
+    key = key.replace("/", ".")
+    return not any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)
+
+
+def _canonical(override: str) -> str:
+    """``key=value`` with the value spelled one way: ``1e-2`` and ``0.01`` are one trial.
+
+    Values are read with Hydra's own override grammar (numbers, booleans, null, quoted
+    strings, lists, dicts); ``+`` and ``++`` do not change what is trained, ``~`` does.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        [parsed] = OverridesParser.create().parse_overrides([override])
+    except Exception:  # not Hydra's grammar (a test, a hand-made list): keep it verbatim
+        return override.lstrip("+")
+    key = parsed.key_or_group + (f"@{parsed.package}" if parsed.package else "")
+    if parsed.is_delete():
+        return f"~{key}"
+    if parsed.is_sweep_override():  # a sweep's own key: its spelling is its identity
+        return f"{key}={parsed.get_value_string()}"
+    value = parsed.value()
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return f"{key}={text}"
 
 
 def identity_overrides(overrides: Iterable[str]) -> list[str]:
-    """The overrides that define a trial, sorted so argument order does not matter."""
+    """The overrides that define a trial, canonical and sorted (argument order and the
+    spelling of values do not matter)."""
     kept = []
-    for override in overrides:
-        key = _override_key(str(override))
-        if key.split(".", 1)[0].split("/", 1)[0] in IDENTITY_EXCLUDED_PREFIXES:
-            continue
-        kept.append(str(override))
+    for override in map(str, overrides):
+        key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if is_identity_key(key):
+            kept.append(_canonical(override))
     return sorted(kept)
 
 
@@ -111,6 +145,7 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     provenance = property(lambda self: self.root / "provenance.json")
     status_file = property(lambda self: self.root / "status.json")
+    lock_file = property(lambda self: self.root / ".train.lock")
     result_file = property(lambda self: self.root / "result.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
     last_ckpt = property(lambda self: self.root / "checkpoints" / "last.ckpt")
@@ -125,19 +160,55 @@ class RunDir:
     def state(self) -> str | None:
         return self.status()["state"]
 
+    @contextlib.contextmanager
+    def _status_lock(self) -> Iterator[None]:
+        """Serialise read-modify-write of status.json between processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".status.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
     def transition(self, state: str, **details: Any) -> dict[str, Any]:
         """Record a state change; `attempt` counts how often the trial was started."""
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}; expected one of {STATES}")
-        status = self.status()
-        if state == "running":
-            status["attempt"] = status.get("attempt", 0) + 1
-        entry = {"state": state, "time": time.time(), "host": socket.gethostname()}
-        entry.update({k: v for k, v in details.items() if v is not None})
-        status["state"] = state
-        status["history"].append(entry)
-        write_json(self.status_file, status)
+        with self._status_lock():
+            status = self.status()
+            if state == "running":
+                status["attempt"] = status.get("attempt", 0) + 1
+            entry = {"state": state, "time": time.time(), "host": socket.gethostname()}
+            entry.update({k: v for k, v in details.items() if v is not None})
+            status["state"] = state
+            status["history"].append(entry)
+            write_json(self.status_file, status)
         return status
+
+    def claim(self) -> TrainingClaim:
+        """Become the one process that trains this trial, or say who already does."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_file, "a+")  # noqa: SIM115 (held until release or exit)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            from trainyard.errors import RunDirError
+
+            raise RunDirError(
+                f"{self.root} is being trained right now by {holder}",
+                fix="wait for it to finish (trainyard status shows it), or stop that run",
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        return TrainingClaim(f)
+
+    def clear_rank_errors(self) -> None:
+        """Error files belong to one attempt: a new attempt starts without them."""
+        for stale in self.ranks.glob("rank*.error.json"):
+            stale.unlink(missing_ok=True)
 
     def write_rank_info(self, rank: int, **info: Any) -> None:
         """Merge ``info`` into this rank's own file (each rank writes only its own)."""
@@ -145,3 +216,14 @@ class RunDir:
         merged = read_json(path) if path.exists() else {}
         merged.update(info, pid=os.getpid(), host=socket.gethostname(), time=time.time())
         write_json(path, merged)
+
+
+class TrainingClaim:
+    """An exclusive flock on ``.train.lock``; the kernel drops it if the process dies."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()

@@ -1,15 +1,20 @@
-"""The ``trainyard-train`` entrypoint: compose once, freeze, start the ranks.
+"""The ``trainyard-train`` entrypoint: compose once, prepare the trial, start the ranks.
 
-The Hydra task function only orchestrates: freeze the resolved config into the trial's run
-directory, check it, and run the ranks from that file (in this process for one device,
-through :mod:`trainyard.launch` for several, or as started by a scheduler). It returns the
-monitored metric so Hydra sweepers can optimise it.
+The Hydra task function only orchestrates: prepare the trial from the composed config
+(:func:`trainyard.trial.prepare`: resolve, check, freeze into the run directory), check the
+machine, and run the ranks from the frozen file (in this process for one device, through
+:mod:`trainyard.launch` for several, or as started by a scheduler). It returns the monitored
+metric so Hydra sweepers can optimise it.
+
+In a sweep (``-m``) a trial that fails is recorded as failed in its run directory, its
+sweeper value is NaN, and the sweep goes on; the sweep exits non-zero at the end with one
+line per failed trial (``fail_fast=true`` stops at the first failure instead). A
+preemption signal or Ctrl-C stops the whole sweep.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,108 +22,131 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainyard import resolvers
-from trainyard.errors import EXIT_FAILED, RunDirError, TrainyardError
-from trainyard.freeze import freeze, load_frozen, provenance, save_frozen
-from trainyard.rundir import IDENTITY_EXCLUDED_PREFIXES, RunDir, read_json, write_json
+from trainyard import preflight, rendezvous, resolvers, signals
+from trainyard.conf_path import CONF_DIR
+from trainyard.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    Stopped,
+    TrainyardError,
+)
+from trainyard.freeze import freeze
+from trainyard.rundir import RunDir, read_json
+from trainyard.trial import Trial, open_trial
 
 log = logging.getLogger("trainyard")
 
-SOURCE_DIR = Path(__file__).resolve().parents[2]
-CONF_DIR = Path(os.environ.get("TRAINYARD_CONF", SOURCE_DIR / "conf"))
-
 resolvers.register()
 
-
-def _identity(cfg: DictConfig) -> dict:
-    """The parts of a config that define what a trial trains."""
-    excluded = {*IDENTITY_EXCLUDED_PREFIXES, "callbacks", "test_after_fit"}
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    return {k: v for k, v in plain.items() if k not in excluded}
-
-
-def open_run_dir(run: RunDir, frozen: DictConfig, overrides: list[str]) -> DictConfig | None:
-    """Freeze into a new run directory, or pick up an existing one.
-
-    Returns the config to train from, or None when the trial already completed.
-    """
-    if not run.config.exists():
-        save_frozen(frozen, run.config)
-        write_json(run.provenance, provenance(frozen.seed, overrides, SOURCE_DIR))
-        run.transition("created")
-        return frozen
-    if not frozen.resume:
-        raise RunDirError(
-            f"{run.root} already holds this trial and resume=false",
-            fix="resume=true to continue it, name=<new name> for a fresh run, "
-            "or remove the directory",
-        )
-    existing = load_frozen(run.config)
-    before, now = _identity(existing), _identity(frozen)
-    if before != now:
-        changed = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
-        raise RunDirError(
-            f"{run.root} holds a trial with the same overrides but a different config "
-            f"(changed: {', '.join(changed)}); it was left untouched",
-            fix="name=<new name> to train the new config, or remove the old run directory",
-        )
-    if run.state == "completed" and run.result_file.exists():
-        return None
-    return existing  # compose once: a retry trains from the file written the first time
+_failed_trials: list[tuple[str, str, int]] = []  # (run dir, one-line error, exit code)
 
 
 def drive(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
-    """Freeze, check and run one trial. Raises TrainyardError on any failure."""
-    from trainyard import preflight
+    """Prepare one trial and train it. Raises TrainyardError on any failure."""
+    preempt = list(OmegaConf.select(cfg, "signals.preempt", default=signals.DEFAULT_PREEMPT))
+    signals.install(preempt)
+    external = preflight.launched_externally()
+    if external and rendezvous.global_rank() != 0:
+        rendezvous.wait(run_dir, float(OmegaConf.select(cfg, "dist.timeout_s", default=300)))
+        from trainyard.worker import run_rank
 
-    frozen = preflight.check(freeze(cfg))
-    run = RunDir(run_dir)
-    to_train = open_run_dir(run, frozen, overrides)
-    if to_train is None:
+        return run_rank(str(RunDir(run_dir).config))
+    try:
+        frozen = preflight.check_config(freeze(cfg))
+        _, devices = preflight.check_machine(frozen)
+        trial = open_trial(frozen, run_dir, overrides)
+    except TrainyardError as exc:
+        if external:
+            rendezvous.announce(run_dir, exc.message)
+        raise
+    return _train(trial, 1 if external else devices, external, preempt)
+
+
+def _train(trial: Trial, nproc: int, external: bool, preempt: list[str]) -> float | None:
+    run = trial.run
+    if trial.completed:
         result = read_json(run.result_file)
-        log.info("%s already completed (%s=%s); not training again", run.root, *_metric(result))
+        metric = f"{result.get('monitor')}={result.get('value')}"
+        log.info("%s already completed (%s); not training again", run.root, metric)
+        if external:
+            rendezvous.announce(run.root)  # the other ranks find it completed too
         return result.get("value")
-    nproc = 1 if preflight.launched_externally() else int(to_train.trainer.devices)
+    claim = run.claim()
+    run.clear_rank_errors()
+    if external:
+        rendezvous.announce(run.root)
     log.info("run directory: %s (%d rank%s)", run.root, nproc, "s" * (nproc > 1))
     try:
         if nproc > 1:
             from trainyard.launch import launch_local
 
-            return launch_local(run.config, nproc, float(to_train.dist.timeout_s))
+            return launch_local(run.config, nproc, preempt)
         from trainyard.worker import run_rank
 
         return run_rank(str(run.config))
+    except Stopped as exc:
+        if run.state not in ("preempted", "interrupted"):
+            run.transition(exc.state, reason=exc.message)
+        raise
     except TrainyardError as exc:
         run.transition("failed", error=exc.message, exit_code=exc.exit_code)
         raise
     except Exception as exc:
-        run.transition("failed", error=f"{type(exc).__name__}: {exc}")
+        run.transition("failed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_FAILED)
         raise
+    finally:
+        claim.release()
 
 
-def _metric(result: dict) -> tuple[str, object]:
-    return result.get("monitor"), result.get("value")
+def _trial_failed(run_dir: str, message: str, code: int, multirun: bool, fail_fast: bool):
+    """In a sweep, record the failure and go on (NaN tells sweepers it failed); else exit."""
+    if multirun and not fail_fast:
+        _failed_trials.append((run_dir, message.splitlines()[0], code))
+        return float("nan")
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    multirun = hc.mode == RunMode.MULTIRUN
+    fail_fast = bool(OmegaConf.select(cfg, "fail_fast", default=False))
     try:
-        return drive(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        return drive(cfg, Path(run_dir), list(hc.overrides.task))
+    except Stopped as exc:
+        print(f"trainyard: {exc.render()}", file=sys.stderr)
+        sys.exit(exc.exit_code)  # a signal stops the whole sweep, not just this trial
     except TrainyardError as exc:
         # A clean message and a meaningful exit code, not a traceback through Hydra.
         print(f"trainyard: {exc.render()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except Exception:
+        return _trial_failed(run_dir, exc.message, exc.exit_code, multirun, fail_fast)
+    except signals.InterruptNow:
+        print("trainyard: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
         # Unexpected: the traceback is the useful part. Exit code says "training failed".
         traceback.print_exc()
-        sys.exit(EXIT_FAILED)
+        message = f"{type(exc).__name__}: {exc}"
+        return _trial_failed(run_dir, message, EXIT_FAILED, multirun, fail_fast)
 
 
 def main() -> None:
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before trainyard's own handler was installed
+        print("trainyard: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    if _failed_trials:
+        print(f"trainyard: {len(_failed_trials)} trial(s) of the sweep failed:", file=sys.stderr)
+        for run_dir, message, code in _failed_trials:
+            print(f"  [exit {code}] {run_dir}: {message}", file=sys.stderr)
+        codes = {code for _, _, code in _failed_trials}
+        sys.exit(EXIT_CONFIG if codes == {EXIT_CONFIG} else EXIT_FAILED)
 
 
 if __name__ == "__main__":

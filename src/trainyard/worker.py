@@ -16,18 +16,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from trainyard.errors import CheckpointError, ConfigError, TrainingFailed
+from trainyard import signals
+from trainyard.errors import CheckpointError, ConfigError, InterruptNow, Stopped, TrainingFailed
 from trainyard.freeze import load_frozen
+from trainyard.rendezvous import global_rank
 from trainyard.rundir import RunDir, write_json
-
-
-def global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def _limit_threads() -> None:
@@ -60,6 +55,15 @@ def prepare_process() -> None:
     lean.apply()
 
 
+def state_digest(module) -> str:
+    """A hash of every parameter and buffer: what a bit-identical resume must reproduce."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def weights_digest(module) -> str:
     """A hash of every parameter: equal on all ranks iff DDP kept them in sync.
 
@@ -87,12 +91,27 @@ def build_strategy(cfg: DictConfig) -> Any:
     )
 
 
-def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
-    """Instantiate datamodule, task and trainer from the frozen config."""
+def own_signals(trainer) -> None:
+    """trainyard owns the stop signals (:mod:`trainyard.signals`): Lightning's own handlers
+    broadcast a tensor from inside the signal handler (a collective that can meet another
+    one mid-flight) and on every training step, and Slurm auto-requeue would requeue from a
+    checkpoint written mid-step. Turned off on this trainer only."""
+    from trainyard import lean
+
+    if not lean.verified():
+        return
+    trainer._signal_connector.register_signal_handlers = lambda: None
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
+def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple[Any, Any, Any]:
+    """Instantiate datamodule, task and trainer from the frozen config and this machine."""
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ProgressBar
 
     from trainyard.callbacks.checkpoint_io import AtomicCheckpointIO
+    from trainyard.callbacks.resume import ResumeCheckpoint
+    from trainyard.data.base import ClassificationDataModule
     from trainyard.lean import FastPassThroughProfiler
     from trainyard.models.resnet import WeightsError
 
@@ -127,8 +146,14 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
         **optimization,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    every = OmegaConf.select(cfg, "signals.check_every_n_steps", default=10)
+    callbacks.append(ResumeCheckpoint(run.last_ckpt, check_every_n_steps=every))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer_cfg.setdefault("profiler", FastPassThroughProfiler())
+    trainer_cfg.update(accelerator=accelerator, devices=devices)
+    if isinstance(datamodule, ClassificationDataModule):
+        # its loaders shard per rank themselves, resumably (trainyard.data.loader)
+        trainer_cfg["use_distributed_sampler"] = False
     trainer = instantiate(
         trainer_cfg,
         strategy=build_strategy(cfg),
@@ -138,6 +163,7 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Any, Any, Any]:
         default_root_dir=str(run.root),
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
+    own_signals(trainer)
     return datamodule, task, trainer
 
 
@@ -165,19 +191,47 @@ def _metrics(trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+def best_checkpoint(trainer) -> str | None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+            return callback.best_model_path
+    return None
+
+
 def run_rank(config_path: str) -> float | None:
-    """Train one trial on this rank; rank 0 records status and result. Returns the metric."""
+    """Train one trial on this rank; rank 0 records status and result. Returns the metric.
+
+    A stop request (a preemption signal, Ctrl-C) ends it with :class:`Stopped` after
+    ``last.ckpt`` was saved at a step boundary; rank 0 records ``preempted`` or
+    ``interrupted``, and the next attempt resumes from that checkpoint.
+    """
     cfg = load_frozen(config_path)
+    signals.install(OmegaConf.select(cfg, "signals.preempt", default=signals.DEFAULT_PREEMPT))
     run = RunDir(Path(config_path).parent)
     rank = global_rank()
     run.write_rank_info(rank, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    prepare_process()
+    from trainyard import preflight
 
+    accelerator, devices = preflight.check_machine(cfg)
+    prepare_process()
+    try:
+        return _fit_and_test(cfg, run, rank, accelerator, devices)
+    except (Stopped, InterruptNow) as exc:
+        if rank == 0:
+            state = exc.state if isinstance(exc, Stopped) else "interrupted"
+            run.transition(state, reason=getattr(exc, "message", "a second Ctrl-C"))
+        raise
+
+
+def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = checked_resume_path(run)
-    datamodule, task, trainer = build(cfg, run)
+    datamodule, task, trainer = build(cfg, run, accelerator, devices)
+    signals.raise_if_requested("before training started")
     if rank == 0:
         run.transition("running", resumed_from=ckpt_path)
     started = time.time()
@@ -191,12 +245,14 @@ def run_rank(config_path: str) -> float | None:
         lr=[group["lr"] for group in trainer.optimizers[0].param_groups],
         global_step=trainer.global_step,
         weights=weights_digest(task),
+        full_state=state_digest(task),
     )
     fit_metrics = _metrics(trainer)
+    signals.raise_if_requested("after training, before testing (last.ckpt is final)")
     test_metrics: dict[str, float] = {}
     if cfg.get("test_after_fit", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        best = best_checkpoint(trainer)
+        trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
         test_metrics = _metrics(trainer)
     metric = fit_metrics.get(cfg.monitor)
     if rank == 0:
@@ -206,7 +262,9 @@ def run_rank(config_path: str) -> float | None:
 
 
 def _result(cfg, trainer, fit_metrics, test_metrics, started) -> dict[str, Any]:
-    ckpt = trainer.checkpoint_callback
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     return {
         "monitor": cfg.monitor,
         "value": fit_metrics.get(cfg.monitor),

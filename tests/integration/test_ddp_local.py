@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import popen_train, run_dirs, train_cli
 from trainyard.errors import EXIT_FAILED
+from trainyard.rundir import trial_key
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,10 @@ def _ranks(run: Path) -> list[dict]:
 
 
 def test_two_ranks_train_one_trial_in_one_directory(tmp_path):
-    out = train_cli(["trainer=ddp", "trainer.max_epochs=2", "optimizer.lr=0.003"], tmp_path)
+    out = train_cli(
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=2", "optimizer.lr=0.003"],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     [run] = run_dirs(tmp_path)
     ranks = _ranks(run)
@@ -35,7 +39,8 @@ def test_two_ranks_train_one_trial_in_one_directory(tmp_path):
 
 
 def test_sweep_of_ddp_trials_keeps_every_rank_on_its_trial(tmp_path):
-    args = ["-m", "name=sw", "trainer=ddp", "trainer.max_epochs=1", "optimizer.lr=0.002,0.02"]
+    args = ["-m", "name=sw", "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+            "optimizer.lr=0.002,0.02"]  # fmt: skip
     out = train_cli(args, tmp_path)
     assert out.returncode == 0, out.stderr
     [sweep] = list((tmp_path / "outputs" / "sw" / "sweeps").iterdir())
@@ -67,12 +72,17 @@ def test_sweep_of_ddp_trials_keeps_every_rank_on_its_trial(tmp_path):
 def test_a_dead_rank_fails_the_run_quickly_and_names_the_rank(tmp_path):
     args = [
         "trainer=ddp",
+        "trainer.accelerator=cpu",
         "trainer.max_epochs=500",
         "callbacks.early_stopping=null",
         "dist.timeout_s=60",
     ]
-    proc = popen_train(args, tmp_path)
     runs = tmp_path / "outputs" / "default" / "runs"
+    # an error file left by an earlier attempt must not be taken for this attempt's cause
+    stale = runs / trial_key(args) / "ranks" / "rank1.error.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"message": "last.ckpt is corrupt (stale)", "exit_code": 2}))
+    proc = popen_train(args, tmp_path)
 
     def rank1_training():
         info = next(runs.glob("*/ranks/rank1.json"), None)
@@ -91,7 +101,40 @@ def test_a_dead_rank_fails_the_run_quickly_and_names_the_rank(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     took = time.monotonic() - killed
     assert proc.returncode == EXIT_FAILED
-    assert "rank 1" in stderr and "SIGKILL" in stderr
+    assert "rank 1" in stderr and "SIGKILL" in stderr and "stale" not in stderr
     assert took < 30, f"took {took:.1f}s to notice the dead rank"
     status = json.loads((info_file.parents[1] / "status.json").read_text())
     assert status["state"] == "failed" and "rank 1" in status["history"][-1]["error"]
+
+
+def test_ranks_started_by_torchrun_prepare_once_and_train_one_trial(tmp_path):
+    """torchrun starts the driver on every rank: rank 0 prepares, the others wait for it."""
+    import subprocess
+    import sys
+
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1", "resume=false"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=127.0.0.1:0",
+            "--local-addr=127.0.0.1",
+            "-m",
+            "trainyard.train",
+            *args,
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "TRAINYARD_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    [run] = run_dirs(tmp_path)
+    status = json.loads((run / "status.json").read_text())
+    assert [h["state"] for h in status["history"]] == ["created", "running", "completed"]
+    ranks = _ranks(run)
+    assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]

@@ -43,13 +43,14 @@ def test_digits_does_not_import_scikit_learn():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_digits_augmentation_shifts_training_images_only():
+def test_digits_augmentation_shifts_training_batches_only():
     dm = DigitsDataModule(augment=True, seed=0)
     dm.setup()
-    x0, _ = dm.train_set.base[0]
-    shifted = [dm.train_set[0][0] for _ in range(20)]
-    assert any(not torch.equal(s, x0) for s in shifted)
-    assert not hasattr(dm.val_set, "base")
+    x, _ = next(iter(dm.train_dataloader()))
+    assert dm.augment_batch(x).shape == x.shape and not torch.equal(dm.augment_batch(x), x)
+    # outside training (no trainer, or validating) batches pass through untouched
+    assert dm.on_after_batch_transfer((x, None), 0)[0] is x
+    assert DigitsDataModule(augment=False).augment_batch(x) is x
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (12, 5)])
@@ -168,7 +169,9 @@ def test_cifar10_from_a_mirror_with_augmentation(tmp_path, monkeypatch):
     monkeypatch.setitem(CIFAR10.meta, "md5", sums["batches.meta"])
     mirror = _Mirror(archive.parent)
     try:
-        dm = CIFAR10DataModule(root=str(tmp_path / "data"), mirror=mirror.url, batch_size=8)
+        dm = CIFAR10DataModule(
+            root=str(tmp_path / "data"), mirror=mirror.url, batch_size=8, augment=True
+        )
         dm.prepare_data()
         dm.setup()
     finally:
@@ -176,4 +179,5 @@ def test_cifar10_from_a_mirror_with_augmentation(tmp_path, monkeypatch):
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 32, 32)
     assert len(dm.train_set) + len(dm.val_set) == 200 and len(dm.test_set) == 40
-    assert dm.train_set.dataset.transform is not dm.val_set.dataset.transform
+    assert not torch.equal(dm.augment_batch(x), x)  # random crop and flip, per batch
+    assert torch.equal(next(iter(dm.val_dataloader()))[0], next(iter(dm.val_dataloader()))[0])

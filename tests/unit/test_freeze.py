@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from trainyard.errors import ConfigError
 from trainyard.freeze import freeze, load_frozen, provenance, save_frozen
-from trainyard.train import SOURCE_DIR
+from trainyard.trial import SOURCE_DIR
 
 
 def test_freeze_resolves_everything_once(cfg_factory, tmp_path):
@@ -46,6 +46,8 @@ def test_unresolvable_interpolation_is_a_config_error(cfg_factory):
 def test_provenance_records_code_and_environment():
     info = provenance(7, ["seed=7"], SOURCE_DIR)
     assert info["seed"] == 7 and info["overrides"] == ["seed=7"]
-    assert info["packages"]["torch"].startswith("2.14.1")
+    import torch
+
+    assert info["packages"]["torch"] == torch.__version__.split("+")[0]
     assert info["git_dirty"] in (True, False, None)
     json.dumps(info)  # serialisable

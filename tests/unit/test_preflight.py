@@ -10,7 +10,9 @@ from trainyard.freeze import freeze
 
 
 def check(cfg_factory, *overrides):
-    return preflight.check(freeze(cfg_factory(*overrides)))
+    """Both kinds of check, as a local run makes them: the config, then this machine."""
+    cfg = preflight.check_config(freeze(cfg_factory(*overrides)), build=False)
+    return preflight.check_machine(cfg)
 
 
 @pytest.mark.parametrize(
@@ -71,12 +73,12 @@ def test_several_devices_need_ddp(cfg_factory):
 
 def test_multi_node_needs_a_scheduler(cfg_factory):
     with pytest.raises(ConfigError, match="needs a scheduler") as info:
-        check(cfg_factory, "trainer.num_nodes=2")
+        check(cfg_factory, "trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2")
     assert "cluster=slurm" in info.value.fix
 
 
 def test_auto_devices_become_concrete(cfg_factory):
-    cfg = check(cfg_factory, "trainer=ddp", "trainer.devices=2")
-    assert cfg.trainer.accelerator in ("cpu", "gpu") and cfg.trainer.devices == 2
-    cfg = check(cfg_factory, "trainer.devices=auto")
-    assert cfg.trainer.devices == 1
+    assert check(cfg_factory, "trainer=ddp", "trainer.accelerator=cpu") == ("cpu", 2)
+    accelerator, _ = check(cfg_factory, "trainer=ddp", "trainer.devices=2")
+    assert accelerator == ("gpu" if preflight.visible_gpus() else "cpu")
+    assert check(cfg_factory, "trainer.devices=auto") == ("cpu", 1)

@@ -14,7 +14,7 @@ def test_changed_defaults_under_the_same_overrides_are_refused(cfg_factory, tmp_
     drive(cfg_factory(*FAST), run_dir, FAST)
     frozen = (run_dir / "config.yaml").read_text()
     # the same command line, but conf/ changed since (here: another learning rate)
-    with pytest.raises(RunDirError, match=r"different config \(changed: optimizer\)") as info:
+    with pytest.raises(RunDirError, match=r"different config \(changed: optimizer\.lr\)") as info:
         drive(cfg_factory(*FAST, "optimizer.lr=0.5"), run_dir, FAST)
     assert "name=<new name>" in info.value.fix
     assert (run_dir / "config.yaml").read_text() == frozen

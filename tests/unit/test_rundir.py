@@ -67,3 +67,23 @@ def test_rank_info_merges(tmp_path):
     run.write_rank_info(1, weights="abc")
     info = json.loads((tmp_path / "ranks" / "rank1.json").read_text())
     assert info["local_rank"] == 1 and info["weights"] == "abc" and info["pid"] == os.getpid()
+
+
+def _transitions(root: str, n: int) -> None:
+    run = RunDir(root)
+    for _ in range(n):
+        run.transition("failed", error="x")
+
+
+def test_concurrent_transitions_lose_no_history(tmp_path):
+    """Several processes recording states at once (ranks, a driver, a CLI) keep every entry."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_transitions, args=(str(tmp_path), 25)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert len(RunDir(tmp_path).status()["history"]) == 100

@@ -1,9 +1,12 @@
 """The LightningModule wiring: logging cadence, schedulers, weight-decay groups."""
 
 import csv
+import functools
 
+import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from tests.helpers.trainers import quiet_trainer
 from trainyard.data import DigitsDataModule
@@ -72,7 +75,65 @@ def _fit(module, **trainer_kwargs):
     return trainer
 
 
-def test_our_loop_matches_lightnings_automatic_optimization_with_accumulation_and_clipping():
+def _precision(precision: str) -> dict:
+    """Trainer arguments for ``precision`` on CPU, with the real GradScaler for 16-mixed.
+
+    ``Trainer(accelerator="cpu", precision="16-mixed")`` silently falls back to bf16-mixed;
+    the plugin with torch's CPU GradScaler runs Lightning's actual fp16 scaling path.
+    """
+    if precision != "16-mixed":
+        return {"precision": precision}
+    scaler = torch.amp.GradScaler("cpu")
+    return {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=scaler)]}
+
+
+class _NormRecordingSGD(torch.optim.SGD):
+    """SGD that records the gradient norm and largest entry that reach each step."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.seen: list[tuple[float, float]] = []
+
+    def step(self, closure=None):
+        # Lightning's closure runs on_before_optimizer_step (32-true, bf16-mixed): run it
+        # first, as torch's optimizers do, to see the gradients the update will use
+        loss = None if closure is None else closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).item()
+        self.seen.append((norm, max(g.abs().max().item() for g in grads)))
+        super().step()
+        return loss
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_bounds_the_unscaled_gradients_that_reach_the_step(precision, algorithm):
+    task = _task(gradient_clip_val=0.01, gradient_clip_algorithm=algorithm)
+    task.optimizer_factory = functools.partial(_NormRecordingSGD, lr=0.1)
+    trainer = quiet_trainer(max_steps=6, **_precision(precision))
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    assert scaler is None or scaler.get_scale() > 1  # the fp16 gradients were really scaled
+    [optimizer] = trainer.optimizers
+    assert optimizer.seen  # steps the scaler skipped for overflow record nothing
+    # unclipped gradients here are far above 0.01 (norm ~1), so clipping always binds
+    index = 0 if algorithm == "norm" else 1
+    for seen in optimizer.seen:
+        assert seen[index] == pytest.approx(0.01, rel=1e-3)
+
+
+# Both runs execute the same operations (Lightning unscales, then clips, then steps; so
+# does our loop), so they agree to float32 rounding (32-true: exactly; mixed: ~6e-8 seen).
+# The mixed tolerances allow a few half-precision roundings to land differently: each moves
+# a gradient by that format's epsilon (bf16 2**-8, fp16 2**-11) of an update of at most
+# lr x clip = 0.01. Clipping still-scaled fp16 gradients misses by about 0.09.
+_WEIGHT_ATOL = {"32-true": 1e-6, "bf16-mixed": 1e-4, "16-mixed": 1e-5}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_our_loop_matches_lightnings_automatic_optimization_with_accumulation_and_clipping(
+    precision,
+):
     def net():
         torch.manual_seed(0)
         return MLP((1, 8, 8), 10, hidden=[32], batch_norm=True)
@@ -85,10 +146,12 @@ def test_our_loop_matches_lightnings_automatic_optimization_with_accumulation_an
         gradient_clip_val=0.05,
     )
     theirs = _Automatic(net())
-    ours_trainer = _fit(ours)
-    theirs_trainer = _fit(theirs, accumulate_grad_batches=3, gradient_clip_val=0.05)
+    ours_trainer = _fit(ours, **_precision(precision))
+    clipping = {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05}
+    theirs_trainer = _fit(theirs, **clipping, **_precision(precision))
     assert ours_trainer.global_step == theirs_trainer.global_step == 2 * 9  # ceil(26/3) x 2
     for (name, a), (_, b) in zip(
         ours.net.state_dict().items(), theirs.net.state_dict().items(), strict=True
     ):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+        diff = (a.float() - b.float()).abs().max().item()
+        assert diff <= _WEIGHT_ATOL[precision], (name, diff)

@@ -6,6 +6,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
+from trainyard.data.loader import ResumableLoader, ResumableSampler
+
 
 class ClassificationDataModule(pl.LightningDataModule):
     """Base: subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` and
@@ -38,42 +40,58 @@ class ClassificationDataModule(pl.LightningDataModule):
         train, val = random_split(full, [len(full) - n_val, n_val], generator=generator)
         return train, val
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _train_position(self) -> tuple[int, int]:
+        """Where training stands when a pass over the training data begins: the epoch, and
+        the batches already trained in it (non-zero only when resuming mid-epoch)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        rank, world_size = self._ranks()
+        sampler = ResumableSampler(
+            len(dataset),
+            shuffle=train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            pad=train,  # evaluation counts every sample exactly once
+            batch_size=self.batch_size if train else None,
+        )
+        return ResumableLoader(
             dataset,
+            sampler=sampler,
+            position=self._train_position if train else None,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, train=False)
 
+    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-only augmentation of a whole batch on its device (none by default)."""
+        return x
 
-class ShiftAugment(Dataset):
-    """Random translation by up to ``pixels`` in each direction, for tensor images."""
-
-    def __init__(self, base: Dataset, pixels: int = 1):
-        self.base = base
-        self.pixels = pixels
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        x, y = self.base[index]
-        p = self.pixels
-        dx, dy = torch.randint(-p, p + 1, (2,)).tolist()
-        return torch.roll(x, shifts=(dy, dx), dims=(-2, -1)), y
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            x, y = batch
+            return self.augment_batch(x), y
+        return batch
 
 
 def standardize(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainyard.data.base import ClassificationDataModule, ShiftAugment, standardize, tensor_dataset
+from trainyard.data.augment import random_shift
+from trainyard.data.base import ClassificationDataModule, standardize, tensor_dataset
 from trainyard.errors import DataError
 
 
@@ -67,5 +68,6 @@ class DigitsDataModule(ClassificationDataModule):
         self.train_set = tensor_dataset(xs[0], y[train_idx])
         self.val_set = tensor_dataset(xs[1], y[val_idx])
         self.test_set = tensor_dataset(xs[2], y[test_idx])
-        if self.augment:
-            self.train_set = ShiftAugment(self.train_set, pixels=1)
+
+    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return random_shift(x, pixels=1) if self.augment else x

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from filelock import FileLock, Timeout
 
+from trainyard.data import augment
 from trainyard.data.base import ClassificationDataModule
 from trainyard.errors import DataError
 
@@ -68,8 +69,15 @@ class TorchvisionDataModule(ClassificationDataModule):
         """Class attributes that point ``base``'s download at ``mirror``."""
 
     @abstractmethod
-    def augmentations(self) -> list:
-        """Training-only transforms applied when ``augment`` is on."""
+    def augment_images(self, x, fill):
+        """Training-only augmentation of a normalised batch (see trainyard.data.augment);
+        ``fill`` is the per-channel value of a black pixel after normalisation."""
+
+    def augment_batch(self, x):
+        if not self.augment:
+            return x
+        fill = [-m / s for m, s in zip(self.mean, self.std, strict=True)] if self.normalize else 0.0
+        return self.augment_images(x, fill)
 
     # -- preparation ---------------------------------------------------------------
     @property
@@ -132,11 +140,11 @@ class TorchvisionDataModule(ClassificationDataModule):
         self.marker.touch()
 
     # -- datasets --------------------------------------------------------------------
-    def _transform(self, train: bool):
+    def _transform(self):
+        # deterministic per-sample work only: augmentation runs per batch (augment_batch)
         from torchvision import transforms as T
 
-        steps = list(self.augmentations()) if (train and self.augment) else []
-        steps.append(T.ToTensor())
+        steps = [T.ToTensor()]
         if self.normalize:
             steps.append(T.Normalize(self.mean, self.std))
         return T.Compose(steps)
@@ -150,15 +158,9 @@ class TorchvisionDataModule(ClassificationDataModule):
                 fix="run prepare_data first (trainyard-train does), or set data.download=true",
             )
         cls = self.dataset_class()
-        train_full = cls(str(self.root), train=True, transform=self._transform(train=True))
-        val_full = cls(str(self.root), train=False, transform=self._transform(train=False))
-        self.train_set, val_idx_set = self.split_train_val(train_full)
-        # validation images must not be augmented: same indices, un-augmented copy
-        plain = cls(str(self.root), train=True, transform=self._transform(train=False))
-        from torch.utils.data import Subset
-
-        self.val_set = Subset(plain, val_idx_set.indices)
-        self.test_set = val_full
+        train_full = cls(str(self.root), train=True, transform=self._transform())
+        self.train_set, self.val_set = self.split_train_val(train_full)
+        self.test_set = cls(str(self.root), train=False, transform=self._transform())
 
 
 class MNISTDataModule(TorchvisionDataModule):
@@ -170,10 +172,8 @@ class MNISTDataModule(TorchvisionDataModule):
     def mirror_attributes(self, base: type, mirror: str) -> dict:
         return {"mirrors": [mirror + "/"]}
 
-    def augmentations(self) -> list:
-        from torchvision import transforms as T
-
-        return [T.RandomCrop(28, padding=2)]
+    def augment_images(self, x, fill):
+        return augment.random_crop(x, padding=2, fill=fill)
 
 
 class CIFAR10DataModule(TorchvisionDataModule):
@@ -186,7 +186,5 @@ class CIFAR10DataModule(TorchvisionDataModule):
     def mirror_attributes(self, base: type, mirror: str) -> dict:
         return {"url": f"{mirror}/{base.filename}"}
 
-    def augmentations(self) -> list:
-        from torchvision import transforms as T
-
-        return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+    def augment_images(self, x, fill):
+        return augment.random_hflip(augment.random_crop(x, padding=4, fill=fill))

@@ -78,17 +78,21 @@ class Classifier(pl.LightningModule):
             self.manual_backward(loss / accumulate if accumulate > 1 else loss)
         if not steps:
             return
-        optimizer = self._optimizer
+        self._optimizer.step()  # clips in on_before_optimizer_step, once grads are unscaled
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._step_scheduler is not None:
+            self._step_scheduler.step()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this inside optimizer.step(), after the precision plugin has
+        # unscaled the gradients (16-mixed) and right where it clips in automatic
+        # optimization; clipping before step() would bound the scaled gradients instead.
         if self.gradient_clip_val:
             self.clip_gradients(
                 optimizer,
                 gradient_clip_val=self.gradient_clip_val,
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if self._step_scheduler is not None:
-            self._step_scheduler.step()
 
     def on_train_start(self) -> None:
         # looked up once: Lightning rebuilds these lists on every call
@@ -104,6 +108,21 @@ class Classifier(pl.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and not isinstance(scheduler, _STEPWISE):
             scheduler.step()
+
+    def rank_state_dict(self) -> dict:
+        """This rank's running loss sums: a resumed epoch reports the same mean loss.
+        (Saved per rank by trainyard.callbacks.resume.ResumeCheckpoint.)"""
+        total, count = self._epoch_loss
+        return {
+            "epoch_loss": (float(total), count),
+            "loss_window": [float(x) for x in self._loss_window],
+        }
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        total, count = state["epoch_loss"]
+        device = self.device
+        self._epoch_loss[:] = [torch.tensor(total, device=device) if count else 0.0, count]
+        self._loss_window[:] = [torch.tensor(x, device=device) for x in state["loss_window"]]
 
     def _record_train_loss(self, loss: torch.Tensor) -> None:
         """Write the mean loss of each logging window straight to the loggers.

@@ -1,0 +1,98 @@
+"""One preemption story for every backend: what a process does when it is told to stop.
+
+Schedulers warn before they kill: Kubernetes and Ray send SIGTERM, Slurm sends SIGTERM at
+the time limit and the signal chosen with ``--signal`` (SIGUSR1/SIGUSR2) before it. Which
+signals mean "preempted" is configurable (``signals.preempt``); each of them only *asks*
+for a stop. Training notices the request at the next step boundary (see
+:class:`trainyard.callbacks.resume.ResumeCheckpoint`), every rank at the same step, writes
+``last.ckpt`` atomically, marks the trial ``preempted`` and exits with
+:data:`~trainyard.errors.EXIT_PREEMPTED` so the backend requeues it; the next attempt resumes
+from that checkpoint.
+
+Ctrl-C (SIGINT) is the same stop, recorded as ``interrupted`` and exiting with 130; a second
+Ctrl-C stops at once (:class:`~trainyard.errors.InterruptNow`), keeping the last checkpoint.
+
+Nothing here touches torch: the handlers only record the request, which is all a signal
+handler can safely do while the main thread may be inside a collective.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from trainyard.errors import ConfigError, Interrupted, InterruptNow, Preempted, Stopped
+
+DEFAULT_PREEMPT = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    reason: str  # "preempted" or "interrupted"
+    signal: str
+
+    def error(self, where: str) -> Stopped:
+        cls = Interrupted if self.reason == "interrupted" else Preempted
+        return cls(f"{self.signal} received: stopped {where}")
+
+
+_request: StopRequest | None = None
+
+
+def parse(names: Iterable[str]) -> list[signal.Signals]:
+    """Signal names from the config (``SIGUSR1`` or ``USR1``), refused when unknown."""
+    out = []
+    for name in names:
+        text = str(name).upper()
+        text = text if text.startswith("SIG") else f"SIG{text}"
+        if text in ("SIGINT", "SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, text):
+            raise ConfigError(
+                f"signals.preempt: {name!r} is not a signal trainyard can handle",
+                fix="signals.preempt=[SIGTERM,SIGUSR1,SIGUSR2] (SIGINT is always Ctrl-C)",
+            )
+        out.append(signal.Signals[text])
+    return out
+
+
+def install(preempt: Iterable[str] = DEFAULT_PREEMPT) -> None:
+    """Route the preemption signals and SIGINT to the stop request. Idempotent."""
+    for signum in parse(preempt):
+        signal.signal(signum, _on_preempt)
+    signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def _on_preempt(signum: int, frame) -> None:
+    global _request
+    if _request is None:
+        _request = StopRequest("preempted", signal.Signals(signum).name)
+
+
+def _on_interrupt(signum: int, frame) -> None:
+    global _request
+    if _request is not None and _request.reason == "interrupted":
+        raise InterruptNow()
+    _request = StopRequest("interrupted", "SIGINT")
+
+
+def requested() -> StopRequest | None:
+    """The pending stop request of this process, if any."""
+    return _request
+
+
+def request(reason: str, signame: str) -> None:
+    """Record a stop request as a handler would (used when a rank learns of another's)."""
+    global _request
+    if _request is None:
+        _request = StopRequest(reason, signame)
+
+
+def raise_if_requested(where: str) -> None:
+    if _request is not None:
+        raise _request.error(where)
+
+
+def reset() -> None:
+    """Forget a request (tests, and long-lived workers between trials)."""
+    global _request
+    _request = None

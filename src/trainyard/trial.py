@@ -1,0 +1,115 @@
+"""Preparing a trial: the one step every launcher runs on the submitting machine.
+
+:func:`prepare` takes a composed config (from Hydra, or built by any other means) and the
+trial's run directory, and leaves behind everything a node needs: the resolved config frozen
+into ``config.yaml``, ``provenance.json``, and a status. It needs neither Hydra's runtime
+nor the machine that will train: only what the config itself can tell is checked here
+(:func:`trainyard.preflight.check_config`); GPUs and cores are checked where the ranks
+start. What travels to a node is the path of ``config.yaml``; there
+:func:`trainyard.worker.run_rank` trains each rank from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainyard import preflight
+from trainyard.errors import RunDirError
+from trainyard.freeze import freeze, load_frozen, provenance, save_frozen
+from trainyard.rundir import RunDir, is_identity_key, write_json
+
+log = logging.getLogger("trainyard")
+
+SOURCE_DIR = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Trial:
+    run: RunDir
+    config: DictConfig  # the frozen config to train from
+    completed: bool  # it already completed: its result is in run.result_file
+
+    @property
+    def config_path(self) -> Path:
+        return self.run.config
+
+
+def prepare(
+    cfg: DictConfig, run_dir: str | Path, overrides: list[str], build_check: bool = True
+) -> Trial:
+    """Resolve, check and freeze ``cfg`` into ``run_dir``, or pick up the trial already there.
+
+    Raises ConfigError (or a subclass) for anything wrong with the config, and RunDirError
+    when ``run_dir`` holds a different trial or ``resume=false`` forbids touching it. Never
+    overwrites what defines an existing trial.
+    """
+    frozen = preflight.check_config(freeze(cfg), build=build_check)
+    return open_trial(frozen, run_dir, overrides)
+
+
+def open_trial(frozen: DictConfig, run_dir: str | Path, overrides: list[str]) -> Trial:
+    """Freeze an already checked config into a new run directory, or pick up the trial
+    that is there. The second half of :func:`prepare`, for callers that check more
+    (the machine, the cluster) between the two."""
+    run = RunDir(run_dir)
+    if not run.config.exists():
+        save_frozen(frozen, run.config)
+        source = SOURCE_DIR if (SOURCE_DIR / ".git").exists() else Path.cwd()
+        write_json(run.provenance, provenance(frozen.seed, overrides, source))
+        run.transition("created")
+        return Trial(run, frozen, completed=False)
+    return _pick_up(run, frozen)
+
+
+def _pick_up(run: RunDir, frozen: DictConfig) -> Trial:
+    if not frozen.resume:
+        raise RunDirError(
+            f"{run.root} already holds this trial and resume=false",
+            fix="resume=true to continue it, name=<new name> for a fresh run, "
+            "or remove the directory",
+        )
+    existing = load_frozen(run.config)
+    changed = identity_changes(existing, frozen)
+    if changed:
+        raise RunDirError(
+            f"{run.root} holds a trial with the same overrides but a different config "
+            f"(changed: {', '.join(changed)}); it was left untouched",
+            fix="name=<new name> to train the new config, or remove the old run directory",
+        )
+    if run.state == "completed" and run.result_file.exists():
+        return Trial(run, existing, completed=True)
+    operational = _flat_changes(existing, frozen)
+    if operational:
+        # where files go, how data is read: today's values apply to the next attempt
+        log.info("settings changed since the last attempt: %s", ", ".join(operational))
+        save_frozen(frozen, run.config)
+        return Trial(run, frozen, completed=False)
+    return Trial(run, existing, completed=False)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def _flat_changes(before: DictConfig, now: DictConfig) -> list[str]:
+    a = _flatten(OmegaConf.to_container(before, resolve=False))
+    b = _flatten(OmegaConf.to_container(now, resolve=False))
+    return sorted(k for k in {*a, *b} if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def identity_changes(before: DictConfig, now: DictConfig) -> list[str]:
+    """The dotted keys that define a trial and differ between two frozen configs."""
+    return [k for k in _flat_changes(before, now) if is_identity_key(k)]

@@ -1,0 +1,40 @@
+"""A callback that sends a real signal at a chosen point of a run's first attempt, so tests
+can stop training exactly mid-epoch or at an epoch boundary through the real signal path.
+
+Add it with ``+callbacks.sig._target_=tests.helpers.signals.SignalAt +callbacks.sig.step=N``
+(the subprocess needs the repository on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from pytorch_lightning.callbacks import Callback
+
+from trainyard.rundir import RunDir
+
+
+class SignalAt(Callback):
+    def __init__(
+        self,
+        signal: str = "SIGTERM",
+        step: int | None = None,
+        epoch: int | None = None,
+        target: str = "self",
+    ):
+        self.signal, self.step, self.epoch, self.target = signal, step, epoch, target
+
+    def _fire(self, trainer) -> None:
+        if trainer.global_rank != 0 or RunDir(trainer.default_root_dir).status()["attempt"] != 1:
+            return
+        pid = os.getppid() if self.target == "parent" else os.getpid()
+        os.kill(pid, signal.Signals[self.signal])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.step is not None and trainer.global_step == self.step:
+            self._fire(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.epoch is not None and trainer.current_epoch == self.epoch:
+            self._fire(trainer)

@@ -1,0 +1,124 @@
+"""One preemption story: a signal stops training at a step boundary, last.ckpt holds that
+step, the trial is marked preempted (exit 75) or interrupted (exit 130), and running it
+again resumes to final weights bit-identical to a run that was never stopped."""
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, popen_train, run_dirs, train_cli
+from trainyard.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow
+
+ENV = {"PYTHONPATH": str(REPO)}
+# dropout (the CNN's default) and augmentation both draw random numbers every step
+BASE = ["data.augment=true", "trainer.max_epochs=3", "callbacks.early_stopping=null"]
+SIG = "+callbacks.sig._target_=tests.helpers.signals.SignalAt"
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "signals.check_every_n_steps=3"]
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def _final(run: Path) -> tuple[list[str], dict]:
+    """Every rank's parameters and buffers, and the metrics."""
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank?.json"))]
+    metrics = json.loads((run / "result.json").read_text())["metrics"]
+    # the learning-rate monitor logs at epoch start: an attempt that resumed mid-epoch
+    # never saw one (its value is in the first attempt's logs)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("lr-")}
+    return [r["full_state"] for r in ranks], metrics
+
+
+def _reference(tmp_path, extra: list[str]) -> tuple[str, dict]:
+    out = train_cli([*BASE, *extra, "name=ref"], tmp_path, env=ENV)
+    assert out.returncode == 0, out.stderr
+    [run] = [r for r in run_dirs(tmp_path) if "/ref/" in str(r)]
+    return _final(run)
+
+
+@pytest.mark.parametrize(
+    ("extra", "stop_at"),
+    [
+        pytest.param([], ["+callbacks.sig.step=30"], id="one-device-mid-epoch"),
+        pytest.param([], ["+callbacks.sig.epoch=1"], id="one-device-epoch-boundary"),
+        pytest.param(
+            DDP, ["+callbacks.sig.step=25", "+callbacks.sig.target=parent"], id="ddp-mid-epoch"
+        ),
+        pytest.param(
+            DDP, ["+callbacks.sig.epoch=0", "+callbacks.sig.target=parent"], id="ddp-epoch-boundary"
+        ),
+    ],
+)
+def test_stopped_and_resumed_run_ends_bit_identical(tmp_path, extra, stop_at):
+    reference = _reference(tmp_path, [*extra, SIG])
+    args = [*BASE, *extra, SIG, *stop_at, "name=stopped"]
+
+    stopped = train_cli(args, tmp_path, env=ENV)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    [run] = [r for r in run_dirs(tmp_path) if "/stopped/" in str(r)]
+    status = _status(run)
+    assert status["state"] == "preempted" and status["attempt"] == 1
+    assert "SIGTERM" in status["history"][-1]["reason"]
+    assert (run / "checkpoints" / "last.ckpt").exists() and not (run / "result.json").exists()
+
+    resumed = train_cli(args, tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "not resumable" not in resumed.stderr  # Lightning's replaying-epoch warning
+    status = _status(run)
+    assert status["state"] == "completed" and status["attempt"] == 2
+    assert [h["state"] for h in status["history"]] == [
+        "created", "running", "preempted", "running", "completed",
+    ]  # fmt: skip
+    assert _final(run) == reference
+
+
+def _wait_running(tmp_path: Path, proc, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = run_dirs(tmp_path)
+        if runs and _status(runs[0])["state"] == "running":
+            time.sleep(1.5)  # well into the training loop
+            return runs[0]
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "state", "extra"),
+    [
+        pytest.param(signal.SIGTERM, EXIT_PREEMPTED, "preempted", [], id="sigterm"),
+        pytest.param(signal.SIGUSR1, EXIT_PREEMPTED, "preempted", [], id="sigusr1"),
+        pytest.param(signal.SIGINT, EXIT_INTERRUPTED, "interrupted", [], id="ctrl-c"),
+        pytest.param(signal.SIGTERM, EXIT_PREEMPTED, "preempted", DDP, id="ddp-sigterm"),
+        pytest.param(signal.SIGINT, EXIT_INTERRUPTED, "interrupted", DDP, id="ddp-ctrl-c"),
+    ],
+)
+def test_a_signal_at_any_moment_is_recorded_and_never_a_success(
+    tmp_path, signum, code, state, extra
+):
+    args = ["trainer.max_epochs=400", "callbacks.early_stopping=null", *extra]
+    proc = popen_train(args, tmp_path)
+    run = _wait_running(tmp_path, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    status = _status(run)
+    assert status["state"] == state
+    assert not (run / "result.json").exists()
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    # the checkpoint holds the step where training stopped, not an older epoch
+    import torch
+
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    ranks = json.loads((run / "ranks" / "rank0.json").read_text())
+    assert ckpt["global_step"] > 0 and "weights" not in ranks  # stopped before fit ended

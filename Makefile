@@ -35,6 +35,25 @@ format: install ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+CLUSTER ?= local
+RUN ?= outputs
+
+submit: install ## send trials to a cluster: make submit CLUSTER=slurm ARGS="optimizer.lr=1e-3,1e-2"
+	$(BIN)/trainyard submit cluster=$(CLUSTER) $(ARGS)
+
+status: install ## state of the runs below RUN (default outputs/), with the scheduler's view
+	$(BIN)/trainyard status $(RUN)
+
+logs: install ## the scheduler's output of what was submitted from RUN=<run or sweep dir>
+	$(BIN)/trainyard logs $(RUN)
+
+cancel: install ## cancel what was submitted from RUN=<run or sweep dir>
+	$(BIN)/trainyard cancel $(RUN)
+
+cluster: ## install and start the loopback Slurm cluster (root; Debian packages)
+	bash cluster/slurm/cluster.sh install
+	bash cluster/slurm/cluster.sh start
+
 bench: install ## run the benchmarks (ratios measured side by side in one run)
 	$(BIN)/python benchmarks/step_overhead.py
 	$(BIN)/python benchmarks/startup.py
@@ -45,4 +64,4 @@ clean: ## remove outputs, caches and the virtual environment
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf $(VENV)
 
-.PHONY: help install train test lint format bench clean
+.PHONY: help install train test lint format bench clean submit status logs cancel cluster

@@ -23,19 +23,54 @@ def _run_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.rglob("status.json"))
 
 
-def _row(run: Path) -> dict:
+def _submissions(path: Path) -> list[dict]:
+    """What ``trainyard submit`` sent for runs at or below ``path`` (or one level up)."""
+    found = []
+    for candidate in [path / "submission.json", path.parent / "submission.json",
+                      *path.rglob("submission.json")]:  # fmt: skip
+        if candidate.exists() and candidate not in [f for f, _ in found]:
+            found.append((candidate, json.loads(candidate.read_text())))
+    return [record for _, records in found for record in records]
+
+
+def _scheduler_states(path: Path) -> dict[str, str]:
+    """Trial directory -> the scheduler's state of its task, for submitted trials."""
+    from trainyard import backends
+
+    states: dict[str, str] = {}
+    for record in _submissions(path):
+        try:
+            tasks = backends.get(record["backend"]).status(record["job_id"])
+        except Exception as exc:  # the controller is down: say so rather than guess
+            tasks = {record["job_id"]: f"UNKNOWN ({str(exc).splitlines()[0]})"}
+        for index, trial in enumerate(record["trials"]):
+            task = f"{record['job_id']}_{index}"
+            states[trial] = tasks.get(task) or tasks.get(record["job_id"]) or "UNKNOWN"
+    return states
+
+
+# trial states the run directory knows best; otherwise the scheduler's state says more
+_FINAL = ("completed", "failed", "preempted", "interrupted")
+
+
+def _row(run: Path, scheduler: dict[str, str]) -> dict:
     status = json.loads((run / "status.json").read_text())
     result_file = run / "result.json"
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     last = status["history"][-1] if status.get("history") else {}
+    state = status.get("state")
+    queued = scheduler.get(str(run))
+    if (queued and state not in _FINAL) or queued in ("CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        state = f"{state} ({queued.lower()})" if state != "created" else queued.lower()
     return {
         "run": str(run),
-        "state": status.get("state"),
+        "state": state,
         "attempt": status.get("attempt", 0),
         "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0))),
         "monitor": result.get("monitor"),
         "value": result.get("value"),
         "error": last.get("error"),
+        "scheduler": queued,
     }
 
 
@@ -44,7 +79,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"trainyard: {path} does not exist", file=sys.stderr)
         return EXIT_CONFIG
-    rows = [_row(run) for run in _run_dirs(path)]
+    scheduler = _scheduler_states(path)
+    rows = [_row(run, scheduler) for run in _run_dirs(path)]
     if not rows:
         print(f"trainyard: no run directories under {path}", file=sys.stderr)
         return EXIT_CONFIG
@@ -53,10 +89,49 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         value = "" if row["value"] is None else f"  {row['monitor']}={row['value']:.4f}"
-        error = f"  error: {row['error']}" if row["error"] else ""
-        head = f"{row['state']:<10} attempt {row['attempt']}  {row['since']}"
+        error = f"  error: {row['error'].splitlines()[0]}" if row["error"] else ""
+        head = f"{row['state']:<11} attempt {row['attempt']}  {row['since']}"
         print(f"{head}  {row['run']}{value}{error}")
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from trainyard.errors import TrainyardError
+    from trainyard.submit import submit
+
+    try:
+        submit(args.overrides, dry_run=args.dry_run)
+    except TrainyardError as exc:
+        print(f"trainyard: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _each_submission(path: Path, action) -> int:
+    from trainyard import backends
+
+    records = _submissions(path)
+    if not records:
+        print(f"trainyard: nothing was submitted from {path}", file=sys.stderr)
+        return EXIT_CONFIG
+    for record in records:
+        action(backends.get(record["backend"]), record)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    def show(backend, record):
+        print(backend.logs(record["job_id"], Path(record["log_dir"])), end="")
+
+    return _each_submission(Path(args.path), show)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    def cancel(backend, record):
+        backend.cancel(record["job_id"])
+        print(f"trainyard: cancelled {record['backend']} job {record['job_id']}")
+
+    return _each_submission(Path(args.path), cancel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trainyard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="state of a run, or of every run below a directory")
-    status.add_argument("path", help="a run directory, a sweep directory or an output directory")
+    status.add_argument(
+        "path", nargs="?", default="outputs",
+        help="a run, sweep or output directory (default: outputs)",
+    )  # fmt: skip
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+    submit = sub.add_parser(
+        "submit",
+        help="prepare trials and send them to a cluster (cluster=slurm); a,b values sweep",
+    )
+    submit.add_argument("--dry-run", action="store_true", help="print the requests only")
+    submit.add_argument("overrides", nargs="*", help="Hydra overrides, as for trainyard-train")
+    submit.set_defaults(func=cmd_submit)
+    for name, func, text in (
+        ("logs", cmd_logs, "the scheduler's output of what was submitted from a directory"),
+        ("cancel", cmd_cancel, "cancel what was submitted from a run or sweep directory"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("path", help="a run or sweep directory")
+        command.set_defaults(func=func)
     return parser
 
 

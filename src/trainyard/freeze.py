@@ -30,7 +30,9 @@ from trainyard.errors import ConfigError
 _ENV_INTERP = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
 # Keys whose environment-sourced values are credentials: these stay unresolved.
 _SECRET_KEY = re.compile(r"key|token|secret|passw|credential|auth", re.IGNORECASE)
-_PROVENANCE_PACKAGES = ("torch", "torchvision", "pytorch-lightning", "hydra-core", "omegaconf")
+_PROVENANCE_PACKAGES = (
+    "trainyard", "torch", "torchvision", "pytorch-lightning", "hydra-core", "omegaconf",
+)  # fmt: skip
 
 
 def _resolve_keeping_env(node: Any) -> Any:

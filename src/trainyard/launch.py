@@ -26,8 +26,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
-import traceback
 import uuid
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -38,12 +36,11 @@ from trainyard.errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     Interrupted,
-    InterruptNow,
     Preempted,
     TrainingFailed,
     TrainyardError,
 )
-from trainyard.rundir import RunDir, read_json, write_json
+from trainyard.rundir import RunDir, read_json
 
 _STOP_CODES = {EXIT_PREEMPTED: Preempted, EXIT_INTERRUPTED: Interrupted}
 
@@ -60,49 +57,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _rank_main(config_path: str, env: dict[str, str]) -> None:
+def _rank_main(config_path: str, env: dict[str, str], preempt: list[str]) -> None:
     """Runs in each rank: train, and leave a typed error file behind on failure."""
     os.setpgid(0, 0)  # signals reach the ranks only through the parent
     _die_with_parent()
+    # The parent started this process with the stop signals blocked: a signal sent while
+    # it was starting waited here, and now reaches trainyard's handler, not the default one.
+    signals.install(preempt)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signals(preempt))
     os.environ.update(env)
-    from trainyard.worker import run_rank
+    from trainyard.worker import run_rank_and_exit
 
-    rank = int(env["RANK"])
-    code = EXIT_FAILED
-    try:
-        run_rank(config_path)
-        code = 0
-    except TrainyardError as exc:
-        if not isinstance(exc, Preempted | Interrupted):
-            _error_file(config_path, rank, type(exc).__name__, exc.render(), exc.exit_code)
-        code = exc.exit_code
-    except InterruptNow:
-        code = EXIT_INTERRUPTED
-    except Exception as exc:
-        traceback.print_exc()
-        _error_file(config_path, rank, type(exc).__name__, f"{type(exc).__name__}: {exc}", 3)
-    finally:
-        _exit(code)
-
-
-def _exit(code: int) -> None:
-    """Leave without running interpreter teardown: gloo's threads can abort the process
-    (``terminate called without an active exception``) when destructors run at exit, which
-    would turn a finished rank into a failed one. Everything worth keeping is on disk."""
-    with contextlib.suppress(Exception):
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _error_file(config_path: str, rank: int, kind: str, message: str, code: int) -> None:
-    run = RunDir(Path(config_path).parent)
-    info = {"type": kind, "message": message, "exit_code": code}
-    write_json(run.ranks / f"rank{rank}.error.json", info)
+    run_rank_and_exit(config_path)
 
 
 def _rank_env(rank: int, nproc: int, port: int, run_id: str) -> dict[str, str]:
@@ -113,6 +79,10 @@ def _rank_env(rank: int, nproc: int, port: int, run_id: str) -> dict[str, str]:
     }  # fmt: skip
 
 
+def _stop_signals(preempt: list[str]) -> set[signal.Signals]:
+    return {*signals.parse(preempt), signal.SIGINT}
+
+
 def launch_local(config_path: Path, nproc: int, preempt: list[str]) -> float | None:
     """Run ``nproc`` ranks of the trial on this node; return rank 0's metric."""
     run = RunDir(config_path.parent)
@@ -121,15 +91,14 @@ def launch_local(config_path: Path, nproc: int, preempt: list[str]) -> float | N
     procs = [
         context.Process(
             target=_rank_main,
-            args=(str(config_path), _rank_env(rank, nproc, port, run_id)),
+            args=(str(config_path), _rank_env(rank, nproc, port, run_id), preempt),
             name=f"trainyard-rank{rank}",
         )
         for rank in range(nproc)
     ]
     forwarded = _forward_signals(procs, preempt)
     try:
-        for proc in procs:
-            proc.start()
+        _start(procs, preempt)
         failed = _supervise(procs)
     finally:
         for signum, handler in forwarded.items():
@@ -141,17 +110,37 @@ def launch_local(config_path: Path, nproc: int, preempt: list[str]) -> float | N
     return _outcome(run, procs, failed)
 
 
+def _start(procs, preempt: list[str]) -> None:
+    """Start the ranks with the stop signals blocked (the children inherit the mask and
+    unblock once their handlers are in place), then pass on a stop requested meanwhile."""
+    stop = _stop_signals(preempt)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)  # pending ones are handled here
+    request = signals.requested()
+    if request is not None:
+        _send(procs, signal.SIGINT if request.reason == "interrupted" else signal.SIGTERM)
+
+
+def _send(procs, signum: int) -> None:
+    for proc in procs:
+        if proc.pid is not None and proc.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+
 def _forward_signals(procs, preempt: list[str]) -> dict:
     """Pass stop signals on to the ranks (and remember them here, for the exit code)."""
     previous = {}
 
     def forward(signum, frame):
+        _send(procs, signum)  # first: a second Ctrl-C raises in the handler below
         (signals._on_interrupt if signum == signal.SIGINT else signals._on_preempt)(signum, frame)
-        for proc in procs:
-            if proc.pid is not None and proc.exitcode is None:
-                os.kill(proc.pid, signum)
 
-    for signum in [*signals.parse(preempt), signal.SIGINT]:
+    for signum in _stop_signals(preempt):
         previous[signum] = signal.signal(signum, forward)
     return previous
 
@@ -178,9 +167,16 @@ def _outcome(run: RunDir, procs, failed: int | None) -> float | None:
         raise _describe_failure(run, procs, failed)
     for code, error in _STOP_CODES.items():
         if code in codes:
+            last = (run.status().get("history") or [{}])[-1]
             request = signals.requested()
-            raise error(f"{request.signal if request else 'a signal'} received: ranks stopped")
-    return read_json(run.result_file).get("value") if run.result_file.exists() else None
+            said = f"{request.signal if request else 'a signal'} received: ranks stopped"
+            raise error(last.get("reason") or said)
+    if run.result_file.exists() and all(code == 0 for code in codes):
+        return read_json(run.result_file).get("value")
+    request = signals.requested()
+    if request is not None:  # the ranks died of the signal before they could handle it
+        raise request.error("while the ranks were starting")
+    raise TrainingFailed(f"the ranks ended (exit codes {codes}) without a result")
 
 
 def _describe_failure(run: RunDir, procs, first: int) -> TrainyardError:

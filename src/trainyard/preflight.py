@@ -152,7 +152,8 @@ def check_machine(cfg: DictConfig) -> tuple[str, int]:
         raise ConfigError(
             f"trainer.num_nodes={cfg.trainer.num_nodes} needs a scheduler to start the ranks "
             "on every node",
-            fix="submit with cluster=slurm (or k8s), or set trainer.num_nodes=1",
+            fix="trainer.num_nodes=1 here, or start trainyard-train on every node with srun or "
+            "torchrun (one rank per device)",
         )
     return accelerator, devices
 
@@ -220,24 +221,12 @@ def check_constructible(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from trainyard.models.resnet import WeightsError
+    from trainyard.worker import build_net
 
     with _constructing("data", "check the data.* settings"):
         datamodule = instantiate(cfg.data)
-    shape, classes = datamodule.input_shape, datamodule.num_classes
-    try:
-        instantiate(cfg.model)(input_shape=shape, num_classes=classes)
-    except WeightsError as exc:
-        from trainyard.errors import CheckpointError
-
-        raise CheckpointError(
-            str(exc), fix="point model.weights at a torchvision resnet18 state_dict, or null"
-        ) from exc
-    except ValueError as exc:  # the model cannot take this data's shape
-        raise ConfigError(
-            f"model {cfg.model._target_.rsplit('.', 1)[-1]} does not fit the data: {exc}",
-            fix="pick a model for this input (images: cnn, mlp, resnet18; sequences: rnn, mlp)",
-        ) from exc
+    classes = datamodule.num_classes
+    build_net(cfg, datamodule)
     with _constructing("loss", "check the loss.* settings (loss.label_smoothing in [0, 1])"):
         instantiate(cfg.loss)(torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
     param = torch.nn.Parameter(torch.zeros(2))

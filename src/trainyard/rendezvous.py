@@ -20,7 +20,8 @@ from pathlib import Path
 
 from trainyard.errors import ConfigError, TrainingFailed
 
-_OK = "ok"
+OK = "ok"
+COMPLETED = "completed"  # already completed: the other ranks return its stored result
 
 
 def global_rank() -> int:
@@ -56,8 +57,9 @@ def _marker(run_dir: Path) -> Path:
     return run_dir / "ranks" / f".prepared-{token}"
 
 
-def announce(run_dir: Path, outcome: str = _OK, timeout_s: float = 300) -> None:
-    """Rank 0: the trial is prepared (``ok``), or why it is not (an error message)."""
+def announce(run_dir: Path, outcome: str = OK, timeout_s: float = 300) -> None:
+    """Rank 0: the trial is prepared (``ok``), already completed, or why it is not (an
+    error message)."""
     store = _store(timeout_s)
     if store is not None:
         store.set(_key(), outcome)
@@ -71,8 +73,9 @@ def announce(run_dir: Path, outcome: str = _OK, timeout_s: float = 300) -> None:
     tmp.replace(marker)
 
 
-def wait(run_dir: Path, timeout_s: float) -> None:
-    """Other ranks: block until rank 0 announced; raise its error if it failed."""
+def wait(run_dir: Path, timeout_s: float) -> str:
+    """Other ranks: block until rank 0 announced; raise its error if it failed, else
+    return ``ok`` or ``completed``."""
     store = _store(timeout_s)
     if store is not None:
         outcome = store.get(_key()).decode()
@@ -85,5 +88,6 @@ def wait(run_dir: Path, timeout_s: float) -> None:
                 )
             time.sleep(0.1)
         outcome = marker.read_text()
-    if outcome != _OK:
+    if outcome not in (OK, COMPLETED):
         raise ConfigError(f"rank 0 could not prepare the trial: {outcome}")
+    return outcome

@@ -28,10 +28,11 @@ from trainyard.errors import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    ConfigError,
     Stopped,
     TrainyardError,
 )
-from trainyard.freeze import freeze
+from trainyard.freeze import freeze, load_frozen
 from trainyard.rundir import RunDir, read_json
 from trainyard.trial import Trial, open_trial
 
@@ -48,34 +49,74 @@ def drive(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
     signals.install(preempt)
     external = preflight.launched_externally()
     if external and rendezvous.global_rank() != 0:
-        rendezvous.wait(run_dir, float(OmegaConf.select(cfg, "dist.timeout_s", default=300)))
-        from trainyard.worker import run_rank
-
-        return run_rank(str(RunDir(run_dir).config))
+        return _follow_rank0(cfg, RunDir(run_dir))
+    run, claim = RunDir(run_dir), None
     try:
+        _refuse_remote_cluster(cfg, external)
         frozen = preflight.check_config(freeze(cfg))
         _, devices = preflight.check_machine(frozen)
+        claim = run.claim()  # before touching the directory: one process trains a trial
         trial = open_trial(frozen, run_dir, overrides)
     except TrainyardError as exc:
+        if claim is not None:
+            claim.release()
         if external:
-            rendezvous.announce(run_dir, exc.message)
+            rendezvous.announce(run.root, exc.message)
         raise
-    return _train(trial, 1 if external else devices, external, preempt)
+    try:
+        if external:
+            outcome = rendezvous.COMPLETED if trial.completed else rendezvous.OK
+            rendezvous.announce(run.root, outcome)
+        return _train(trial, 1 if external else devices, preempt)
+    finally:
+        claim.release()
 
 
-def _train(trial: Trial, nproc: int, external: bool, preempt: list[str]) -> float | None:
+def _refuse_remote_cluster(cfg: DictConfig, external: bool) -> None:
+    backend = OmegaConf.select(cfg, "cluster.backend", default="local")
+    if backend != "local" and not external:
+        raise ConfigError(
+            f"cluster={backend}: trainyard-train trains on this machine",
+            fix=f"trainyard submit cluster={backend} <overrides> (or make submit "
+            f"CLUSTER={backend} ARGS=...) sends the trials to the cluster",
+        )
+
+
+def run_prepared(run_dir: str | Path) -> float | None:
+    """Train a trial that :func:`trainyard.trial.prepare` froze into ``run_dir`` (what a
+    backend runs on the machine that trains it). Same locking, states and exit codes as
+    ``trainyard-train``."""
+    run = RunDir(run_dir)
+    frozen = load_frozen(run.config)
+    preempt = list(OmegaConf.select(frozen, "signals.preempt", default=signals.DEFAULT_PREEMPT))
+    signals.install(preempt)
+    _, devices = preflight.check_machine(frozen)
+    claim = run.claim()
+    try:
+        completed = run.state == "completed" and run.result_file.exists()
+        return _train(Trial(run, frozen, completed=completed), devices, preempt)
+    finally:
+        claim.release()
+
+
+def _follow_rank0(cfg: DictConfig, run: RunDir) -> float | None:
+    """A rank other than 0 of a scheduler-started launch: train what rank 0 prepared."""
+    timeout = float(OmegaConf.select(cfg, "dist.timeout_s", default=300))
+    if rendezvous.wait(run.root, timeout) == rendezvous.COMPLETED:
+        return read_json(run.result_file).get("value")
+    from trainyard.worker import run_rank
+
+    return run_rank(str(run.config))
+
+
+def _train(trial: Trial, nproc: int, preempt: list[str]) -> float | None:
     run = trial.run
     if trial.completed:
         result = read_json(run.result_file)
         metric = f"{result.get('monitor')}={result.get('value')}"
         log.info("%s already completed (%s); not training again", run.root, metric)
-        if external:
-            rendezvous.announce(run.root)  # the other ranks find it completed too
         return result.get("value")
-    claim = run.claim()
     run.clear_rank_errors()
-    if external:
-        rendezvous.announce(run.root)
     log.info("run directory: %s (%d rank%s)", run.root, nproc, "s" * (nproc > 1))
     try:
         if nproc > 1:
@@ -85,22 +126,26 @@ def _train(trial: Trial, nproc: int, external: bool, preempt: list[str]) -> floa
         from trainyard.worker import run_rank
 
         return run_rank(str(run.config))
-    except Stopped as exc:
+    except (Stopped, signals.InterruptNow) as exc:
         if run.state not in ("preempted", "interrupted"):
-            run.transition(exc.state, reason=exc.message)
+            state = exc.state if isinstance(exc, Stopped) else "interrupted"
+            run.transition(state, reason=getattr(exc, "message", "a second Ctrl-C"))
         raise
     except TrainyardError as exc:
-        run.transition("failed", error=exc.message, exit_code=exc.exit_code)
+        if run.state != "failed":  # a rank may have recorded it already, with more detail
+            run.transition("failed", error=exc.message, exit_code=exc.exit_code)
         raise
     except Exception as exc:
         run.transition("failed", error=f"{type(exc).__name__}: {exc}", exit_code=EXIT_FAILED)
         raise
-    finally:
-        claim.release()
 
 
 def _trial_failed(run_dir: str, message: str, code: int, multirun: bool, fail_fast: bool):
     """In a sweep, record the failure and go on (NaN tells sweepers it failed); else exit."""
+    run = RunDir(run_dir)
+    if multirun and run.root.is_dir() and not run.status_file.exists():
+        # refused before a run directory was prepared: Hydra's job directory still says so
+        run.transition("failed", error=message, exit_code=code)
     if multirun and not fail_fast:
         _failed_trials.append((run_dir, message.splitlines()[0], code))
         return float("nan")

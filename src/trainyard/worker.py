@@ -91,6 +91,27 @@ def build_strategy(cfg: DictConfig) -> Any:
     )
 
 
+def build_net(cfg: DictConfig, datamodule) -> Any:
+    """The network, sized from the data; a model that cannot take it is a ConfigError."""
+    from hydra.utils import instantiate
+
+    from trainyard.models.resnet import WeightsError
+
+    try:
+        return instantiate(cfg.model)(
+            input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
+        )
+    except WeightsError as exc:
+        raise CheckpointError(
+            str(exc), fix="point model.weights at a torchvision resnet18 state_dict, or null"
+        ) from exc
+    except ValueError as exc:  # the model cannot take this data's shape
+        raise ConfigError(
+            f"model {cfg.model._target_.rsplit('.', 1)[-1]} does not fit the data: {exc}",
+            fix="pick a model for this input (images: cnn, mlp, resnet18; sequences: rnn, mlp)",
+        ) from exc
+
+
 def own_signals(trainer) -> None:
     """trainyard owns the stop signals (:mod:`trainyard.signals`): Lightning's own handlers
     broadcast a tensor from inside the signal handler (a collective that can meet another
@@ -113,22 +134,9 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
     from trainyard.callbacks.resume import ResumeCheckpoint
     from trainyard.data.base import ClassificationDataModule
     from trainyard.lean import FastPassThroughProfiler
-    from trainyard.models.resnet import WeightsError
 
     datamodule = instantiate(cfg.data)
-    try:
-        net = instantiate(cfg.model)(
-            input_shape=datamodule.input_shape, num_classes=datamodule.num_classes
-        )
-    except WeightsError as exc:
-        raise CheckpointError(
-            str(exc), fix="point model.weights at a torchvision resnet18 state_dict, or null"
-        ) from exc
-    except ValueError as exc:  # the model cannot take this data's shape
-        raise ConfigError(
-            f"model {cfg.model._target_.rsplit('.', 1)[-1]} does not fit the data: {exc}",
-            fix="pick a model for this input (images: cnn, mlp, resnet18; sequences: rnn, mlp)",
-        ) from exc
+    net = build_net(cfg, datamodule)
     trainer_cfg = dict(cfg.trainer)
     # The task runs the optimization loop itself (see trainyard.tasks.classifier), so these
     # trainer settings go to it; Lightning refuses them under manual optimization.
@@ -231,7 +239,8 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = checked_resume_path(run)
     datamodule, task, trainer = build(cfg, run, accelerator, devices)
-    signals.raise_if_requested("before training started")
+    if trainer.world_size == 1:  # several ranks agree on it at train start instead
+        signals.raise_if_requested("before training started")
     if rank == 0:
         run.transition("running", resumed_from=ckpt_path)
     started = time.time()
@@ -248,7 +257,10 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
         full_state=state_digest(task),
     )
     fit_metrics = _metrics(trainer)
-    signals.raise_if_requested("after training, before testing (last.ckpt is final)")
+    from trainyard.callbacks.resume import agreed_stop
+
+    if agreed_stop(trainer):
+        signals.raise_if_requested("after training, before testing (last.ckpt is final)")
     test_metrics: dict[str, float] = {}
     if cfg.get("test_after_fit", True):
         best = best_checkpoint(trainer)
@@ -278,3 +290,77 @@ def _result(cfg, trainer, fit_metrics, test_metrics, started) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "duration_s": round(time.time() - started, 3),
     }
+
+
+def _error_file(run: RunDir, rank: int, kind: str, message: str, code: int) -> None:
+    info = {"type": kind, "message": message, "exit_code": code}
+    write_json(run.ranks / f"rank{rank}.error.json", info)
+
+
+def exit_now(code: int) -> None:
+    """Leave without running interpreter teardown: gloo's threads can abort the process
+    (``terminate called without an active exception``) when destructors run at exit, which
+    would turn a finished rank into a failed one. Everything worth keeping is on disk."""
+    import contextlib
+    import sys
+
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_rank_and_exit(config_path: str) -> None:
+    """Train this rank and exit with a code that says how it ended (0, 2 bad input,
+    3 failed, 75 preempted, 130 interrupted), leaving an error file for the launcher
+    and, on rank 0, the state in status.json."""
+    import sys
+    import traceback
+
+    from trainyard.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainyardError
+
+    run, rank, code = RunDir(Path(config_path).parent), global_rank(), EXIT_FAILED
+    try:
+        run_rank(config_path)
+        code = 0
+    except Stopped as exc:
+        code = exc.exit_code
+        if rank == 0:
+            print(f"trainyard: {exc.render()}", file=sys.stderr)
+    except InterruptNow:
+        code = EXIT_INTERRUPTED
+    except TrainyardError as exc:
+        code = exc.exit_code
+        print(f"trainyard: rank {rank}: {exc.render()}", file=sys.stderr)
+        _failed(run, rank, type(exc).__name__, exc.render(), code)
+    except Exception as exc:
+        traceback.print_exc()
+        _failed(run, rank, type(exc).__name__, f"{type(exc).__name__}: {exc}", code)
+    finally:
+        exit_now(code)
+
+
+def _failed(run: RunDir, rank: int, kind: str, message: str, code: int) -> None:
+    _error_file(run, rank, kind, message, code)
+    if rank == 0 and run.state != "failed":
+        run.transition("failed", error=message.splitlines()[0], exit_code=code, rank=rank)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m trainyard.worker <run_dir>/config.yaml``: one rank, as a scheduler
+    starts it (srun, a Kubernetes container)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m trainyard.worker <run_dir>/config.yaml", file=sys.stderr)
+        sys.exit(2)
+    run_rank_and_exit(args[0])
+
+
+if __name__ == "__main__":
+    main()

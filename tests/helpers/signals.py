@@ -21,9 +21,13 @@ class SignalAt(Callback):
         signal: str = "SIGTERM",
         step: int | None = None,
         epoch: int | None = None,
+        batch: int | None = None,
         target: str = "self",
     ):
+        """Fire after optimizer step ``step``, or after batch ``batch`` of the first epoch
+        (between two steps when accumulating), or during validation of epoch ``epoch``."""
         self.signal, self.step, self.epoch, self.target = signal, step, epoch, target
+        self.batch = batch
 
     def _fire(self, trainer) -> None:
         if trainer.global_rank != 0 or RunDir(trainer.default_root_dir).status()["attempt"] != 1:
@@ -33,6 +37,8 @@ class SignalAt(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.step is not None and trainer.global_step == self.step:
+            self._fire(trainer)
+        if self.batch is not None and (trainer.current_epoch, batch_idx) == (0, self.batch):
             self._fire(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -112,8 +112,8 @@ def test_ranks_started_by_torchrun_prepare_once_and_train_one_trial(tmp_path):
     import subprocess
     import sys
 
-    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1", "resume=false"]
-    out = subprocess.run(
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
+    torchrun = lambda *extra: subprocess.run(  # noqa: E731
         [
             sys.executable,
             "-m",
@@ -125,6 +125,7 @@ def test_ranks_started_by_torchrun_prepare_once_and_train_one_trial(tmp_path):
             "-m",
             "trainyard.train",
             *args,
+            *extra,
         ],
         cwd=tmp_path,
         env={**os.environ, "TRAINYARD_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"},
@@ -132,9 +133,13 @@ def test_ranks_started_by_torchrun_prepare_once_and_train_one_trial(tmp_path):
         text=True,
         timeout=300,
     )
+    out = torchrun("resume=false")  # a fresh trial: rank 1 must not find rank 0's directory
     assert out.returncode == 0, out.stderr
     [run] = run_dirs(tmp_path)
     status = json.loads((run / "status.json").read_text())
     assert [h["state"] for h in status["history"]] == ["created", "running", "completed"]
     ranks = _ranks(run)
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+    again = torchrun()  # completed: every rank returns the stored result, none trains
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run / "status.json").read_text()) == status

@@ -48,6 +48,11 @@ def _reference(tmp_path, extra: list[str]) -> tuple[str, dict]:
         pytest.param([], ["+callbacks.sig.step=30"], id="one-device-mid-epoch"),
         pytest.param([], ["+callbacks.sig.epoch=1"], id="one-device-epoch-boundary"),
         pytest.param(
+            ["trainer.accumulate_grad_batches=3"],
+            ["+callbacks.sig.batch=7"],  # between two optimizer steps
+            id="one-device-accumulating",
+        ),
+        pytest.param(
             DDP, ["+callbacks.sig.step=25", "+callbacks.sig.target=parent"], id="ddp-mid-epoch"
         ),
         pytest.param(
@@ -122,3 +127,19 @@ def test_a_signal_at_any_moment_is_recorded_and_never_a_success(
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     ranks = json.loads((run / "ranks" / "rank0.json").read_text())
     assert ckpt["global_step"] > 0 and "weights" not in ranks  # stopped before fit ended
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_signal_while_the_ranks_start_is_a_stop_not_a_success(tmp_path, signum):
+    proc = popen_train([*DDP, "trainer.max_epochs=50"], tmp_path)
+    deadline = time.monotonic() + 120
+    while not run_dirs(tmp_path):  # prepared: the ranks are being started right now
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    expected = EXIT_PREEMPTED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+    assert proc.returncode == expected, stderr
+    [run] = run_dirs(tmp_path)
+    assert _status(run)["state"] in ("preempted", "interrupted")
+    assert not (run / "result.json").exists()

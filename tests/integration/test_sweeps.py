@@ -20,13 +20,15 @@ def test_a_failing_trial_does_not_stop_the_others(tmp_path):
     summary = out.stderr.split("trial(s) of the sweep failed:")[1]
     [line] = [line for line in summary.splitlines() if line.strip()]
     assert "model-cnn" in line and "does not fit the data" in line and "[exit 2]" in line
-    [run] = run_dirs(tmp_path)  # the rnn trial ran to the end
-    assert "model-rnn" in run.name
-    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    failed, done = run_dirs(tmp_path)  # the failure is on record, the rnn trial ran to the end
+    assert "model-cnn" in failed.name and "model-rnn" in done.name
+    assert json.loads((failed / "status.json").read_text())["state"] == "failed"
+    assert json.loads((done / "status.json").read_text())["state"] == "completed"
 
 
 def test_fail_fast_stops_at_the_first_failure(tmp_path):
     out = train_cli([*ARGS, "model=cnn,rnn", "fail_fast=true"], tmp_path)
     assert out.returncode == EXIT_CONFIG
     assert "does not fit the data" in out.stderr
-    assert run_dirs(tmp_path) == []  # the rnn trial never started
+    [failed] = run_dirs(tmp_path)  # the failure is on record; the rnn trial never started
+    assert "model-cnn" in failed.name

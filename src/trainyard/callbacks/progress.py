@@ -35,6 +35,10 @@ class PlainProgressBar(ProgressBar):
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items.items()
         )
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a run resumed mid-epoch starts here, not at an epoch start
+        self._epoch_start = time.perf_counter()
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
 

@@ -43,8 +43,8 @@ def rng_states() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+        states["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: a requeued
+    return states  # job may see another number of GPUs
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
@@ -53,11 +53,26 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _distributed(trainer) -> bool:
     return trainer.world_size > 1 and torch.distributed.is_initialized()
+
+
+def agreed_stop(trainer) -> bool:
+    """Whether any rank was asked to stop; the same answer on every rank (one all-reduce
+    with several ranks, so every rank must call it at the same point)."""
+    request = signals.requested()
+    if not _distributed(trainer):
+        return request is not None
+    code = _REASONS.index(request.reason) if request else 0
+    flag = torch.tensor([code], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    agreed = int(flag.item())
+    if agreed and request is None:
+        signals.request(_REASONS[agreed], "a signal to another rank")
+    return agreed > 0
 
 
 class ResumeCheckpoint(Checkpoint):
@@ -103,6 +118,12 @@ class ResumeCheckpoint(Checkpoint):
         self._to_restore = state_dict.get("ranks")
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._restore(trainer, pl_module)
+        # a stop requested while the ranks were starting: every rank leaves here, together
+        if agreed_stop(trainer):
+            signals.raise_if_requested("before the first step")
+
+    def _restore(self, trainer, pl_module) -> None:
         # restored here, after everything that runs between loading and the first step
         ranks, self._to_restore = self._to_restore, None
         if not ranks:
@@ -125,31 +146,24 @@ class ResumeCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
-    def _agreed_stop(self, trainer, every_step: bool) -> bool:
-        """Whether to stop now; with several ranks, the same answer on every rank."""
-        request = signals.requested()
-        if not _distributed(trainer):
-            return request is not None
-        self._steps += 1
-        if not every_step and self._steps % self.check_every_n_steps:
-            return False
-        code = _REASONS.index(request.reason) if request else 0
-        flag = torch.tensor([code], device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        agreed = int(flag.item())
-        if agreed and request is None:
-            signals.request(_REASONS[agreed], "a signal to another rank")
-        return agreed > 0
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._agreed_stop(trainer, every_step=False):
+        # only where an optimizer step just happened: gradients accumulated since the last
+        # one are in no checkpoint
+        accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
+        if (batch_idx + 1) % accumulate and not trainer.is_last_batch:
+            return
+        self._steps += 1
+        if _distributed(trainer) and self._steps % self.check_every_n_steps:
+            return
+        if agreed_stop(trainer):
             self._save(trainer)
             signals.raise_if_requested(f"at step {trainer.global_step}, saved in {self.path}")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
-        if self._agreed_stop(trainer, every_step=True):
-            signals.raise_if_requested(f"after epoch {trainer.current_epoch}, saved in {self.path}")
+        if agreed_stop(trainer):
+            where = f"after epoch {trainer.current_epoch + 1} (1-based), saved in {self.path}"
+            signals.raise_if_requested(where)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step != trainer.global_step:  # stopped by max_steps mid-epoch

@@ -1,0 +1,93 @@
+"""The one interface every backend implements (torchx's ``Scheduler``, submitit's
+``Executor``), and the job description they all take.
+
+``render(job)`` returns the exact request (an sbatch script, manifests) without touching
+the cluster: it is the dry run, and what golden tests compare. ``submit`` sends a rendered
+request and returns a job id; ``status``, ``logs`` and ``cancel`` take that id. A job is a
+list of prepared trials (run directories holding ``config.yaml``; see
+:func:`trainyard.trial.prepare`) and the resources each trial needs, derived from its
+config so that users state devices once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainyard.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks of the cluster: one task (rank) per device on every node."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Resources:
+        trainer = cfg.trainer
+        devices = trainer.get("devices", 1)
+        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+            raise ConfigError(
+                f"trainer.devices={devices!r}: a cluster job needs a number of devices per "
+                "node to request one task each",
+                fix="trainer.devices=<GPUs or CPU processes per node>, e.g. trainer.devices=2",
+            )
+        gpu = str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda")
+        cpus = OmegaConf.select(cfg, "cluster.cpus_per_task", default=1) or 1
+        return cls(
+            nodes=int(trainer.num_nodes),
+            tasks_per_node=devices,
+            gpus_per_node=devices if gpu else 0,
+            cpus_per_task=int(cpus),
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class Job:
+    """Trials that go out together (one array on Slurm), all with the same resources."""
+
+    name: str
+    trials: list[Path]  # run directories, each with its frozen config.yaml
+    resources: Resources
+    cluster: dict[str, Any] = field(default_factory=dict)  # the `cluster` config section
+    log_dir: Path | None = None  # where the scheduler's own output files go
+
+    def __post_init__(self) -> None:
+        if not self.trials:
+            raise ValueError("a job needs at least one trial")
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def render(self, job: Job) -> Any:
+        """The exact request, as the cluster would receive it; no side effects."""
+
+    @abstractmethod
+    def submit(self, request: Any) -> str:
+        """Send a rendered request; return the job id."""
+
+    @abstractmethod
+    def status(self, job_id: str) -> dict[str, str]:
+        """The scheduler's state of each task of the job (task id -> state)."""
+
+    @abstractmethod
+    def logs(self, job_id: str, log_dir: Path | None = None) -> str:
+        """The scheduler's output of the job (``log_dir``: where ``render`` sent it)."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """Stop the job (queued or running)."""

@@ -1,0 +1,188 @@
+"""The Slurm backend against the real loopback cluster (cluster/slurm/cluster.sh): sweeps as
+arrays, multi-node DDP, requeues that resume exactly, hostile override values, and the
+rendered script pinned by a golden file."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainyard.backends import Job, Resources
+from trainyard.backends.slurm import SlurmBackend, split
+
+GOLDEN = Path(__file__).parents[1] / "golden"
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+needs_cluster = pytest.mark.skipif(
+    not _cluster_up(),
+    reason="needs the loopback Slurm cluster (bash cluster/slurm/cluster.sh start)",
+)
+
+
+def _job(trials, **cluster) -> Job:
+    settings = {
+        "backend": "slurm", "partition": "debug", "account": "trainyard", "time_min": 10,
+        "signal": "USR1@90", "setup": ["export OMP_NUM_THREADS=1"], "python": "python3",
+        "array_parallelism": 4, **cluster,
+    }  # fmt: skip
+    return Job("sweep", trials, Resources(nodes=2, tasks_per_node=2), settings, Path("/o"))
+
+
+@pytest.mark.parametrize(
+    ("name", "cluster"),
+    [
+        ("slurm_array.sbatch", {}),
+        ("slurm_pyxis.sbatch", {"container": {"engine": "pyxis", "image": "trainyard:cuda",
+                                              "mounts": ["/scratch:/scratch"]}}),
+        ("slurm_apptainer.sbatch", {"container": {"engine": "apptainer",
+                                                  "image": "/images/trainyard.sif"}}),
+    ],
+)  # fmt: skip
+def test_rendered_script_matches_the_golden_file(name, cluster):
+    # paths with spaces and both kinds of quotes, as on real shared filesystems
+    trials = [Path("/scratch/o'brien/run 1"), Path('/scratch/say "hi"/$(run) 2')]
+    [request] = SlurmBackend().render(_job(trials, **cluster))
+    golden = GOLDEN / name
+    if not golden.exists():  # regenerate deliberately: delete the file, rerun, review the diff
+        golden.write_text(str(request))
+    assert str(request) == golden.read_text()
+    # the trial paths reach bash as single words, nothing in them is evaluated
+    check = subprocess.run(
+        ["bash", "-c", request.script.split("config=")[0] + 'printf "%s\\n" "${trials[@]}"'],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.stdout.splitlines() == [str(t) for t in trials]
+
+
+def test_a_sweep_larger_than_max_array_size_goes_out_as_several_arrays():
+    trials = [Path(f"/o/t{i}") for i in range(2500)]
+    chunks = split(trials, 1001)
+    assert [len(c) for c in chunks] == [1001, 1001, 498]
+    assert [t for c in chunks for t in c] == trials
+    requests = SlurmBackend().render(_job(trials, max_array_size=1001))
+    assert len(requests) == 3 and "#SBATCH --array=0-497%4" in requests[2].script
+
+
+# -- on the real loopback cluster --------------------------------------------------------
+
+
+def _submit(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "submit", "cluster=slurm_loopback", *overrides],
+        cwd=root, env=_env(root), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _env(root: Path) -> dict:
+    import os
+
+    return {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONPATH": str(Path.cwd())}
+
+
+def _statuses(root: Path) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "status", str(root / "outputs"), "--json"],
+        capture_output=True, text=True, env=_env(root),
+    )  # fmt: skip
+    return json.loads(out.stdout) if out.returncode == 0 else []
+
+
+def _wait(root: Path, done, timeout: float = 240) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _statuses(root)
+        if rows and done(rows):
+            return rows
+        assert time.monotonic() < deadline, f"timed out; last status: {rows}"
+        time.sleep(1)
+
+
+def _ranks(run: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(run).glob("ranks/rank?.json"))]
+
+
+DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2", "trainer.devices=1"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_a_sweep_of_two_node_ddp_jobs_runs_as_one_array(tmp_path):
+    out = _submit(tmp_path, *DDP2, "trainer.max_epochs=2", "optimizer.lr=0.002,0.02")
+    assert out.returncode == 0, out.stderr
+    assert "submitted 2 trial(s) to slurm" in out.stdout
+    rows = _wait(tmp_path, lambda rows: all(r["state"] == "completed" for r in rows))
+    assert len(rows) == 2
+    lrs = set()
+    for row in rows:
+        ranks = _ranks(row["run"])
+        assert {r["host"] for r in ranks} == {"n1", "n2"}  # one rank per node
+        assert ranks[0]["weights"] == ranks[1]["weights"]
+        lrs.update(lr for r in ranks for lr in r["lr"])
+    assert lrs == {0.002, 0.02}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_hostile_override_values_arrive_intact_and_nothing_executes(tmp_path):
+    marker = tmp_path / "pwned"
+    values = {
+        "a": f"$(touch {marker}a)",
+        "b": f"`touch {marker}b`; touch {marker}c",
+        "c": 'it\'s "quoted" = yes, with spaces',
+        "d": "line1\nline2",
+        "e": "héllo wörld ✓",
+        "f": "x" * 3000,
+    }
+    quoted = [f"+notes.{k}='" + v.replace("'", "\\'") + "'" for k, v in values.items()]
+    out = _submit(tmp_path, *quoted, "trainer.max_epochs=1")
+    assert out.returncode == 0, out.stderr
+    [row] = _wait(tmp_path, lambda rows: rows[0]["state"] in ("completed", "failed"))
+    assert row["state"] == "completed", row
+    from omegaconf import OmegaConf
+
+    frozen = OmegaConf.load(Path(row["run"]) / "config.yaml")
+    assert dict(frozen.notes) == values
+    assert not list(tmp_path.glob("pwned*"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_requeued_twice_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+    common = ["trainer.max_epochs=40", "callbacks.early_stopping=null", "data.augment=true"]
+    assert _submit(tmp_path, *common, "name=ref").returncode == 0
+    out = _submit(tmp_path, *common, "name=requeued")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split()[-1]
+
+    def run_of(rows):
+        return next(r for r in rows if "/requeued/" in r["run"])
+
+    # preempted twice while it trains: by `scontrol requeue` (SIGTERM, Slurm requeues), then
+    # by the time-limit warning signal (USR1 to the ranks; the job script requeues)
+    stops = (["scontrol", "requeue", job_id], ["scancel", "--signal=USR1", job_id])
+    for attempt, stop in zip((1, 2), stops, strict=True):
+        _wait(tmp_path, lambda rows, a=attempt: run_of(rows)["attempt"] == a
+              and run_of(rows)["state"].startswith("running")
+              and (Path(run_of(rows)["run"]) / "checkpoints/last.ckpt").exists(), 180)  # fmt: skip
+        time.sleep(1.0)
+        subprocess.run(stop, check=True)
+    rows = _wait(tmp_path, lambda rows: all(r["state"] == "completed" for r in rows), 300)
+    requeued, ref = run_of(rows), next(r for r in rows if "/ref/" in r["run"])
+    history = json.loads((Path(requeued["run"]) / "status.json").read_text())["history"]
+    assert [h["state"] for h in history].count("preempted") == 2
+    assert requeued["attempt"] == 3
+    assert _ranks(requeued["run"])[0]["full_state"] == _ranks(ref["run"])[0]["full_state"]

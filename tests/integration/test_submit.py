@@ -1,0 +1,86 @@
+"""``trainyard submit`` on the local backend: the same preparation, states and stops as every
+cluster, on this machine; and a dry run that checks everything and writes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_dirs
+from trainyard.errors import EXIT_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRAINYARD_ROOT": str(root)}
+    return subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", *args],
+        cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _state(run: Path) -> str | None:
+    status = run / "status.json"
+    return json.loads(status.read_text())["state"] if status.exists() else None
+
+
+def _wait_state(root: Path, states: tuple[str, ...], timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = run_dirs(root)
+        if runs and _state(runs[0]) in states:
+            return runs[0]
+        assert time.monotonic() < deadline, [(r, _state(r)) for r in runs]
+        time.sleep(0.2)
+
+
+def test_dry_run_prints_the_request_and_writes_nothing(tmp_path):
+    out = _cli(tmp_path, "submit", "--dry-run", "cluster=slurm", "optimizer.lr=0.01,0.02")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("#SBATCH --array=0-1") == 1
+    assert "trainyard.worker" in out.stdout and "lr-0.01" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_input_is_refused_before_anything_is_prepared(tmp_path):
+    for override in ("optimizer.lr=nan", "model=transformer", "optimizer.lrr=1"):
+        out = _cli(tmp_path, "submit", "cluster=slurm", override)
+        assert out.returncode == EXIT_CONFIG, (override, out.stderr)
+        assert "Traceback" not in out.stderr and "fix:" in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_local_submission_trains_and_a_second_one_skips_it(tmp_path):
+    out = _cli(tmp_path, "submit", "cluster=local", "trainer.max_epochs=1")
+    assert out.returncode == 0, out.stderr
+    run = _wait_state(tmp_path, ("completed", "failed"))
+    assert _state(run) == "completed"
+    again = _cli(tmp_path, "submit", "cluster=local", "trainer.max_epochs=1")
+    assert "already completed; not submitted again" in again.stdout
+    status = _cli(tmp_path, "status", "--json")
+    assert json.loads(status.stdout)[0]["state"] == "completed"
+
+
+def test_cancel_preempts_the_trial_and_a_resubmission_resumes_it(tmp_path):
+    args = ["submit", "cluster=local", "trainer.max_epochs=300", "callbacks.early_stopping=null"]
+    assert _cli(tmp_path, *args).returncode == 0
+    run = _wait_state(tmp_path, ("running",))
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    out = _cli(tmp_path, "cancel", str(run))
+    assert out.returncode == 0 and "cancelled local job" in out.stdout
+    _wait_state(tmp_path, ("preempted",), 60)
+    logs = _cli(tmp_path, "logs", str(run))
+    assert "SIGTERM received" in logs.stdout
+    assert _cli(tmp_path, *args).returncode == 0  # resumes: attempt 2
+    _wait_state(tmp_path, ("running",))
+    assert json.loads((run / "status.json").read_text())["attempt"] == 2
+    _cli(tmp_path, "cancel", str(run))
+    _wait_state(tmp_path, ("preempted",), 60)

@@ -115,6 +115,10 @@ def submit(overrides: list[str], dry_run: bool = False) -> list[dict[str, Any]]:
     planned = plan(overrides)
     frozen = [preflight.check_config(freeze(p.config)) for p in planned]  # all, before any
     jobs = _jobs(planned, frozen)
+    for job in jobs:  # the cluster's own verdict, before any run directory is written
+        backend = backends.get(job.cluster.get("backend", "local"))
+        for request in backend.render(job):
+            backend.check(request)
     records = []
     for job in jobs:
         backend = backends.get(job.cluster.get("backend", "local"))

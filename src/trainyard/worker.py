@@ -270,7 +270,18 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     if rank == 0:
         write_json(run.result_file, _result(cfg, trainer, fit_metrics, test_metrics, started))
         run.transition("completed", metric=metric)
+    _leave_process_group()
     return metric
+
+
+def _leave_process_group() -> None:
+    """Close the process group once the trial is done: left to interpreter teardown, gloo's
+    threads can abort the process (``terminate called without an active exception``) and
+    turn a finished rank into a failed one under torchrun or srun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _result(cfg, trainer, fit_metrics, test_metrics, started) -> dict[str, Any]:

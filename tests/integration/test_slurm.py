@@ -162,7 +162,8 @@ def test_hostile_override_values_arrive_intact_and_nothing_executes(tmp_path):
 @pytest.mark.slow
 @needs_cluster
 def test_requeued_twice_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
-    common = ["trainer.max_epochs=40", "callbacks.early_stopping=null", "data.augment=true"]
+    # long enough (~3000 steps) that each attempt is still training when it is stopped
+    common = ["trainer.max_epochs=150", "callbacks.early_stopping=null", "data.augment=true"]
     assert _submit(tmp_path, *common, "name=ref").returncode == 0
     out = _submit(tmp_path, *common, "name=requeued")
     assert out.returncode == 0, out.stderr
@@ -178,7 +179,7 @@ def test_requeued_twice_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
         _wait(tmp_path, lambda rows, a=attempt: run_of(rows)["attempt"] == a
               and run_of(rows)["state"].startswith("running")
               and (Path(run_of(rows)["run"]) / "checkpoints/last.ckpt").exists(), 180)  # fmt: skip
-        time.sleep(1.0)
+        time.sleep(0.5)
         subprocess.run(stop, check=True)
     rows = _wait(tmp_path, lambda rows: all(r["state"] == "completed" for r in rows), 300)
     requeued, ref = run_of(rows), next(r for r in rows if "/ref/" in r["run"])
@@ -186,3 +187,21 @@ def test_requeued_twice_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert [h["state"] for h in history].count("preempted") == 2
     assert requeued["attempt"] == 3
     assert _ranks(requeued["run"])[0]["full_state"] == _ranks(ref["run"])[0]["full_state"]
+
+
+@pytest.mark.slurm
+@needs_cluster
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("cluster.partition=nope", "invalid partition"),
+        ("cluster.account=nobody", "account"),
+        ("trainer.num_nodes=3", "node"),
+    ],
+)
+def test_a_job_slurm_would_refuse_fails_before_anything_is_prepared(tmp_path, override, says):
+    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]
+    out = _submit(tmp_path, *extra, override)
+    assert out.returncode == 2, out.stderr
+    assert "Slurm would refuse this job" in out.stderr and says in out.stderr.lower()
+    assert not (tmp_path / "outputs").exists()

@@ -77,6 +77,11 @@ class Backend(ABC):
         """The exact request, as the cluster would receive it; no side effects."""
 
     @abstractmethod
+    def check(self, request: Any) -> None:
+        """Ask the cluster whether it would accept ``request`` (partition, account, limits,
+        resources), without queueing anything; raise with the cluster's reason if not."""
+
+    @abstractmethod
     def submit(self, request: Any) -> str:
         """Send a rendered request; return the job id."""
 

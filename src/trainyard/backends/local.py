@@ -38,6 +38,9 @@ class LocalBackend(Backend):
         argv = [sys.executable, "-m", "trainyard.backends.local", *map(str, job.trials)]
         return [LocalRequest(argv, log_dir / "local.out")]
 
+    def check(self, request: LocalRequest) -> None:
+        """Nothing to ask: the machine itself is checked where the trials start."""
+
     def submit(self, request: LocalRequest) -> str:
         request.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(request.log_file, "ab") as log:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,22 @@ class SlurmBackend(Backend):
                 )
             )
         return requests
+
+    def check(self, request: SlurmRequest) -> None:
+        """``sbatch --test-only``: the controller validates partition, account, QOS, time
+        and resource limits and answers without queueing anything."""
+        with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as script:
+            script.write(request.script)
+            script.flush()
+            options = [o for o in request.options if not o.startswith(("--output", "--chdir"))]
+            try:
+                _run(["sbatch", "--test-only", *options, script.name], "sbatch --test-only")
+            except SlurmError as exc:
+                raise SlurmError(
+                    f"Slurm would refuse this job: {exc.message}",
+                    fix="check cluster.partition/account/qos/time_min and trainer.devices / "
+                    "num_nodes against the site (sinfo, sacctmgr show assoc)",
+                ) from None
 
     def submit(self, request: SlurmRequest) -> str:
         request.script_path.parent.mkdir(parents=True, exist_ok=True)

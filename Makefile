@@ -58,6 +58,7 @@ bench: install ## run the benchmarks (ratios measured side by side in one run)
 	$(BIN)/python benchmarks/step_overhead.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/ddp_step.py
+	$(BIN)/python benchmarks/slurm_submit.py
 
 clean: ## remove outputs, caches and the virtual environment
 	rm -rf outputs .pytest_cache .ruff_cache src/*.egg-info

@@ -108,11 +108,15 @@ def _jobs(planned: list[Planned], frozen: list[DictConfig]) -> list[Any]:
 
 def submit(overrides: list[str], dry_run: bool = False) -> list[dict[str, Any]]:
     """Prepare and send; returns what was submitted (also written to submission.json)."""
+    return submit_planned(plan(overrides), dry_run)
+
+
+def submit_planned(planned: list[Planned], dry_run: bool = False) -> list[dict[str, Any]]:
+    """Check every trial, then prepare and send them (what a Hydra launcher calls too)."""
     from trainyard import backends, preflight
     from trainyard.freeze import freeze
     from trainyard.trial import open_trial
 
-    planned = plan(overrides)
     frozen = [preflight.check_config(freeze(p.config)) for p in planned]  # all, before any
     jobs = _jobs(planned, frozen)
     for job in jobs:  # the cluster's own verdict, before any run directory is written

@@ -205,3 +205,22 @@ def test_a_job_slurm_would_refuse_fails_before_anything_is_prepared(tmp_path, ov
     assert out.returncode == 2, out.stderr
     assert "Slurm would refuse this job" in out.stderr and says in out.stderr.lower()
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_hydra_multirun_goes_out_through_the_backend(tmp_path):
+    """-m with cluster=slurm: trainyard's Hydra launcher sends the sweep as one array, waits,
+    and hands each trial's metric back; the run directories are Hydra's sweep layout."""
+    out = subprocess.run(
+        [sys.executable, "-m", "trainyard.train", "-m", "cluster=slurm_loopback",
+         "trainer.max_epochs=1", "optimizer.lr=0.002,0.02"],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "submitted 2 trial(s) to slurm" in out.stdout
+    rows = _statuses(tmp_path)
+    assert len(rows) == 2 and all(r["state"] == "completed" for r in rows)
+    assert all("/sweeps/" in r["run"] for r in rows)
+    assert all(h["host"] in ("n1", "n2") for r in rows for h in _ranks(r["run"]))

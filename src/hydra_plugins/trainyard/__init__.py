@@ -1,0 +1,1 @@
+"""Hydra plugins of trainyard: thin adapters over trainyard's backends."""

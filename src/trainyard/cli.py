@@ -75,7 +75,7 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    path = Path(args.path).resolve()  # submission.json records absolute paths
     if not path.exists():
         print(f"trainyard: {path} does not exist", file=sys.stderr)
         return EXIT_CONFIG
@@ -108,28 +108,38 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _each_submission(path: Path, action) -> int:
+    """Run ``action(backend, record, job_id)`` for what was submitted at or below ``path``;
+    a single trial of an array is addressed as its own task (``<job>_<index>``)."""
     from trainyard import backends
 
+    path = path.resolve()
     records = _submissions(path)
     if not records:
         print(f"trainyard: nothing was submitted from {path}", file=sys.stderr)
         return EXIT_CONFIG
     for record in records:
-        action(backends.get(record["backend"]), record)
+        job_id, trials = record["job_id"], record["trials"]
+        if str(path) in trials and len(trials) > 1 and record["backend"] != "local":
+            job_id = f"{job_id}_{trials.index(str(path))}"
+        elif not any(t == str(path) or t.startswith(f"{path}/") for t in trials) and not str(
+            path
+        ).startswith(record["log_dir"]):
+            continue
+        action(backends.get(record["backend"]), record, job_id)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    def show(backend, record):
-        print(backend.logs(record["job_id"], Path(record["log_dir"])), end="")
+    def show(backend, record, job_id):
+        print(backend.logs(job_id, Path(record["log_dir"])), end="")
 
     return _each_submission(Path(args.path), show)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    def cancel(backend, record):
-        backend.cancel(record["job_id"])
-        print(f"trainyard: cancelled {record['backend']} job {record['job_id']}")
+    def cancel(backend, record, job_id):
+        backend.cancel(job_id)
+        print(f"trainyard: cancelled {record['backend']} job {job_id}")
 
     return _each_submission(Path(args.path), cancel)
 

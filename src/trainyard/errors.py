@@ -47,6 +47,10 @@ class RunDirError(ConfigError):
     """The run directory cannot be created or is in a state we must not touch."""
 
 
+class TrialBusy(RunDirError):
+    """Another process trains this trial right now; its run directory is not ours to touch."""
+
+
 class TrainingFailed(TrainyardError):
     """Training started and did not finish (a rank died, a collective timed out, ...)."""
 

@@ -194,9 +194,9 @@ class RunDir:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            from trainyard.errors import RunDirError
+            from trainyard.errors import TrialBusy
 
-            raise RunDirError(
+            raise TrialBusy(
                 f"{self.root} is being trained right now by {holder}",
                 fix="wait for it to finish (trainyard status shows it), or stop that run",
             ) from None

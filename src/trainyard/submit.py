@@ -96,13 +96,24 @@ def _jobs(planned: list[Planned], frozen: list[DictConfig]) -> list[Any]:
         )
         groups[key].append(index)
     jobs = []
-    for indices in groups.values():
+    for number, indices in enumerate(groups.values()):
         cfg = frozen[indices[0]]
+        if not OmegaConf.select(cfg, "cluster.backend"):
+            raise ConfigError(
+                "the cluster config names no backend",
+                fix="start your cluster/<site>.yaml with `defaults: [slurm, _self_]` "
+                "(or set backend: slurm)",
+            )
+        if cfg.cluster.backend == "slurm":
+            from trainyard.backends.slurm import check_signal
+
+            check_signal(OmegaConf.to_container(cfg.cluster), list(cfg.signals.preempt))
         log_dir = planned[indices[0]].run_dir.parent if len(planned) > 1 else None
         trials = [planned[i].run_dir for i in indices]
         cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
         resources = Resources.from_config(cfg)
-        jobs.append(Job(str(cfg.name), trials, resources, cluster, log_dir or trials[0]))
+        tag = f"-{number}" if number else ""
+        jobs.append(Job(str(cfg.name), trials, resources, cluster, log_dir or trials[0], tag))
     return jobs
 
 
@@ -128,7 +139,11 @@ def submit_planned(planned: list[Planned], dry_run: bool = False) -> list[dict[s
         backend = backends.get(job.cluster.get("backend", "local"))
         if not dry_run:
             by_dir = {p.run_dir: (p, f) for p, f in zip(planned, frozen, strict=True)}
-            job.trials = [t for t in job.trials if not _open(open_trial, by_dir[t], t).completed]
+            queued = _queued(job.log_dir)
+            job.trials = [
+                t for t in job.trials
+                if t not in queued and not _open(open_trial, by_dir[t], t).completed
+            ]  # fmt: skip
             if not job.trials:
                 continue
         for request in backend.render(job):
@@ -138,6 +153,25 @@ def submit_planned(planned: list[Planned], dry_run: bool = False) -> list[dict[s
             job_id = backend.submit(request)
             records.append(_record(job, backend.name, job_id))
     return records
+
+
+_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+           "REQUEUE_HOLD", "RESIZING")  # fmt: skip
+
+
+def _queued(log_dir: Path) -> set[Path]:
+    """Trials an earlier submission from here still has queued or running: not again."""
+    from trainyard import backends
+
+    path, busy = Path(log_dir) / SUBMISSION, set()
+    for record in json.loads(path.read_text()) if path.exists() else []:
+        tasks = backends.get(record["backend"]).status(record["job_id"])
+        for index, trial in enumerate(record["trials"]):
+            state = tasks.get(f"{record['job_id']}_{index}") or tasks.get(record["job_id"], "")
+            if state.split(" ")[0] in _ACTIVE:
+                print(f"trainyard: {trial} is already queued as job {record['job_id']} ({state})")
+                busy.add(Path(trial))
+    return busy
 
 
 def _open(open_trial, planned_and_frozen, run_dir: Path):

@@ -15,6 +15,7 @@ preemption signal or Ctrl-C stops the whole sweep.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -117,6 +118,7 @@ def _train(trial: Trial, nproc: int, preempt: list[str]) -> float | None:
         log.info("%s already completed (%s); not training again", run.root, metric)
         return result.get("value")
     run.clear_rank_errors()
+    os.environ["TRAINYARD_CLAIMED"] = "1"  # ranks started from here need not claim again
     log.info("run directory: %s (%d rank%s)", run.root, nproc, "s" * (nproc > 1))
     try:
         if nproc > 1:

@@ -223,6 +223,8 @@ def run_rank(config_path: str) -> float | None:
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)
+    # ranks a scheduler started directly (srun): rank 0 becomes the one trainer of the trial
+    claim = run.claim() if rank == 0 and os.environ.get("TRAINYARD_CLAIMED") != "1" else None
     prepare_process()
     try:
         return _fit_and_test(cfg, run, rank, accelerator, devices)
@@ -231,6 +233,9 @@ def run_rank(config_path: str) -> float | None:
             state = exc.state if isinstance(exc, Stopped) else "interrupted"
             run.transition(state, reason=getattr(exc, "message", "a second Ctrl-C"))
         raise
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
@@ -332,7 +337,7 @@ def run_rank_and_exit(config_path: str) -> None:
     import sys
     import traceback
 
-    from trainyard.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainyardError
+    from trainyard.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainyardError, TrialBusy
 
     run, rank, code = RunDir(Path(config_path).parent), global_rank(), EXIT_FAILED
     try:
@@ -344,6 +349,9 @@ def run_rank_and_exit(config_path: str) -> None:
             print(f"trainyard: {exc.render()}", file=sys.stderr)
     except InterruptNow:
         code = EXIT_INTERRUPTED
+    except TrialBusy as exc:  # someone else's attempt: record nothing in its directory
+        code = exc.exit_code
+        print(f"trainyard: rank {rank}: {exc.render()}", file=sys.stderr)
     except TrainyardError as exc:
         code = exc.exit_code
         print(f"trainyard: rank {rank}: {exc.render()}", file=sys.stderr)

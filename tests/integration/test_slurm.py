@@ -3,6 +3,7 @@ arrays, multi-node DDP, requeues that resume exactly, hostile override values, a
 rendered script pinned by a golden file."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_rendered_script_matches_the_golden_file(name, cluster):
     trials = [Path("/scratch/o'brien/run 1"), Path('/scratch/say "hi"/$(run) 2')]
     [request] = SlurmBackend().render(_job(trials, **cluster))
     golden = GOLDEN / name
-    if not golden.exists():  # regenerate deliberately: delete the file, rerun, review the diff
+    if os.environ.get("TRAINYARD_REGENERATE_GOLDEN"):  # deliberately; review the diff
         golden.write_text(str(request))
     assert str(request) == golden.read_text()
     # the trial paths reach bash as single words, nothing in them is evaluated
@@ -224,3 +225,89 @@ def test_hydra_multirun_goes_out_through_the_backend(tmp_path):
     assert len(rows) == 2 and all(r["state"] == "completed" for r in rows)
     assert all("/sweeps/" in r["run"] for r in rows)
     assert all(h["host"] in ("n1", "n2") for r in rows for h in _ranks(r["run"]))
+
+
+@pytest.mark.parametrize(
+    ("cluster", "says"),
+    [
+        ({"qos": "normal\ntouch /tmp/pwned"}, "cluster.qos"),
+        ({"partition": "debug --wrap=x"}, "cluster.partition"),
+        ({"additional_parameters": {"comment": "a;b c"}}, "cluster.comment"),
+        ({"additional_parameters": {"bad key": "x"}}, "not an sbatch option"),
+    ],
+)
+def test_cluster_values_cannot_break_out_of_an_sbatch_option(cluster, says):
+    from trainyard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        SlurmBackend().render(_job([Path("/o/t")], **cluster))
+
+
+def test_literal_percent_in_paths_is_escaped_for_sbatch():
+    job = _job([Path("/o/p%x/t")])
+    job.log_dir = Path("/o/p%x")
+    [request] = SlurmBackend().render(job)
+    assert "--output=/o/p%%x/slurm-%j.out" in request.options
+
+
+@pytest.mark.parametrize(
+    ("signal", "time_min", "says"),
+    [("B:USR1@90", 10, "no B: prefix"), ("HUP@90", 10, "signals.preempt"),
+     ("USR1@90", 1, "arrive at the start")],
+)  # fmt: skip
+def test_the_warning_signal_must_reach_the_ranks_in_time(signal, time_min, says):
+    from trainyard.backends.slurm import check_signal
+    from trainyard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        check_signal({"signal": signal, "time_min": time_min}, ["SIGTERM", "SIGUSR1"])
+    check_signal({"signal": "USR1@90", "time_min": 10}, ["SIGTERM", "SIGUSR1"])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_a_site_profile_copied_into_a_config_directory_submits_to_slurm(tmp_path):
+    site = tmp_path / "myconf" / "cluster"
+    site.mkdir(parents=True)
+    profile = Path(__file__).parents[2] / "cluster" / "slurm" / "profiles" / "loopback.yaml"
+    shutil.copy(profile, site / "mysite.yaml")
+    out = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "submit", "--dry-run",
+         f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "cluster=mysite"],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --account=trainyard" in out.stdout and "trainyard.worker" in out.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_a_trial_queued_or_running_is_not_submitted_again(tmp_path):
+    args = ["trainer.max_epochs=100", "callbacks.early_stopping=null"]
+    first = _submit(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    second = _submit(tmp_path, *args)
+    assert second.returncode == 0, second.stderr
+    assert "is already queued as job" in second.stdout and "submitted" not in second.stdout
+    subprocess.run(["scancel", first.stdout.strip().split()[-1]], check=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_cancelling_one_trial_of_a_sweep_leaves_the_others(tmp_path):
+    out = _submit(tmp_path, "trainer.max_epochs=1", "optimizer.lr=0.002,0.02",
+                  "cluster.array_parallelism=1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = _wait(tmp_path, lambda rows: len(rows) == 2)
+    second = next(r["run"] for r in rows if "lr-0.02" in r["run"])
+    cancel = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "cancel", second],
+        capture_output=True, text=True, env=_env(tmp_path),
+    )  # fmt: skip
+    assert cancel.returncode == 0 and "_1" in cancel.stdout, cancel.stdout + cancel.stderr
+    rows = _wait(tmp_path, lambda rows: any(r["state"] == "completed" for r in rows))
+    states = {("lr-0.02" in r["run"]): r["state"] for r in rows}
+    assert states[False] == "completed" and "cancelled" in states[True]

@@ -40,7 +40,15 @@ class Resources:
                 "node to request one task each",
                 fix="trainer.devices=<GPUs or CPU processes per node>, e.g. trainer.devices=2",
             )
-        gpu = str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda")
+        accelerator = str(trainer.get("accelerator", "cpu"))
+        site_gpus = OmegaConf.select(cfg, "cluster.gpus_per_node", default=None)
+        # `auto` is decided by what the site's nodes have, not by the submitting machine
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and bool(site_gpus))
+        if gpu and site_gpus is not None and devices > int(site_gpus):
+            raise ConfigError(
+                f"trainer.devices={devices} GPUs per node, but cluster.gpus_per_node={site_gpus}",
+                fix=f"trainer.devices={site_gpus} (and trainer.num_nodes to scale out)",
+            )
         cpus = OmegaConf.select(cfg, "cluster.cpus_per_task", default=1) or 1
         return cls(
             nodes=int(trainer.num_nodes),
@@ -63,6 +71,7 @@ class Job:
     resources: Resources
     cluster: dict[str, Any] = field(default_factory=dict)  # the `cluster` config section
     log_dir: Path | None = None  # where the scheduler's own output files go
+    tag: str = ""  # tells apart the jobs of one sweep that need different resources
 
     def __post_init__(self) -> None:
         if not self.trials:

@@ -20,7 +20,9 @@ Lightning's own Slurm auto-requeue is off (trainyard owns the signals).
 
 from __future__ import annotations
 
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,46 @@ class SlurmRequest:
         return f"# {command}\n{self.script}"
 
 
+# A #SBATCH value is read by sbatch, not by a shell, but a newline would end the comment and
+# start a command, and whitespace splits it: values are refused unless they are one plain
+# token (constraints keep their & | ( ) [ ] * operators).
+_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/&|()\[\]*!-]+$")
+_OPTION = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def _token(key: str, value) -> str:
+    text = str(value)
+    if not _TOKEN.match(text):
+        raise ConfigError(
+            f"cluster.{key}={text!r} cannot go into an sbatch option (whitespace, quotes, "
+            "newlines and shell characters are refused)",
+            fix=f"cluster.{key}=<a plain value, as sbatch --{key.replace('_', '-')} takes it>",
+        )
+    return text
+
+
+def check_signal(cluster: dict, preempt: list[str]) -> None:
+    """``cluster.signal`` must reach the ranks (not the batch shell, which it would kill),
+    be one trainyard stops on, and leave time to train before it arrives."""
+    spec = cluster.get("signal")
+    if not spec:
+        return
+    name, _, lead = str(spec).partition("@")
+    names = {str(p).upper().removeprefix("SIG") for p in preempt}
+    if name.startswith(("B:", "R:")) or name.upper().removeprefix("SIG") not in names:
+        raise ConfigError(
+            f"cluster.signal={spec!r}: the ranks must receive it (no B: prefix) and it must be "
+            f"one of signals.preempt ({', '.join(sorted(names))})",
+            fix="cluster.signal=USR1@90",
+        )
+    if lead and lead.isdigit() and int(cluster.get("time_min") or 60) * 60 <= int(lead):
+        raise ConfigError(
+            f"cluster.signal={spec!r} comes {lead} s before a time limit of "
+            f"{cluster.get('time_min')} min: it would arrive at the start",
+            fix="cluster.time_min larger than the signal's lead time",
+        )
+
+
 def _directives(job: Job, count: int) -> list[str]:
     c, r = job.cluster, job.resources
     lines = [
@@ -68,13 +110,14 @@ def _directives(job: Job, count: int) -> list[str]:
         lines.append(f"--array=0-{count - 1}" + (f"%{int(parallel)}" if parallel else ""))
     if r.gpus_per_node:
         lines.append(f"--gpus-per-node={r.gpus_per_node}")
-    for key in ("partition", "account", "qos", "constraint", "mem", "mem_per_gpu"):
+    for key in ("partition", "account", "qos", "constraint", "mem", "mem_per_gpu", "signal"):
         if c.get(key):
-            lines.append(f"--{key.replace('_', '-')}={c[key]}")
-    if c.get("signal"):
-        lines.append(f"--signal={c['signal']}")
+            lines.append(f"--{key.replace('_', '-')}={_token(key, c[key])}")
     for key, value in sorted((c.get("additional_parameters") or {}).items()):
-        lines.append(f"--{key.replace('_', '-')}={value}")
+        if not _OPTION.match(str(key)):
+            raise ConfigError(f"cluster.additional_parameters: {key!r} is not an sbatch option")
+        option = f"--{key.replace('_', '-')}"  # a flag without a value: {exclusive: ""}
+        lines.append(f"{option}={_token(key, value)}" if value not in ("", None) else option)
     return lines
 
 
@@ -159,19 +202,25 @@ class SlurmBackend(Backend):
         requests = []
         for index, trials in enumerate(chunks):
             suffix = f"-{index}" if len(chunks) > 1 else ""
-            out = log_dir / ("slurm-%A_%a.out" if len(trials) > 1 else "slurm-%j.out")
+            # sbatch expands %-patterns in the output path: a literal % is written %%
+            escaped = str(log_dir).replace("%", "%%")
+            out = f"{escaped}/" + ("slurm-%A_%a.out" if len(trials) > 1 else "slurm-%j.out")
             requests.append(
                 SlurmRequest(
                     script=render_script(job, trials),
                     options=["--parsable", f"--output={out}", f"--chdir={log_dir}"],
-                    script_path=log_dir / f"job{suffix}.sbatch",
+                    script_path=log_dir / f"{job.name}{job.tag}{suffix}.sbatch",
                 )
             )
         return requests
 
     def check(self, request: SlurmRequest) -> None:
         """``sbatch --test-only``: the controller validates partition, account, QOS, time
-        and resource limits and answers without queueing anything."""
+        and resource limits and answers without queueing anything. Without sbatch (a
+        laptop) there is nothing to ask: the dry run says so and goes on."""
+        if shutil.which("sbatch") is None:
+            print("trainyard: sbatch is not installed here: the request is not checked by Slurm")
+            return
         with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as script:
             script.write(request.script)
             script.flush()
@@ -199,10 +248,12 @@ class SlurmBackend(Backend):
             task, _, state = line.partition("|")
             if task:
                 states[task] = state.split()[0] if state else "UNKNOWN"
-        if not states:  # just submitted: accounting may lag the controller by a moment
-            out = _run(["squeue", "-h", "-j", job_id, "-o", "%i|%T"], "squeue")
-            for line in out.splitlines():
-                task, _, state = line.partition("|")
+        # tasks still queued or running, one line each (sacct folds pending array ranges
+        # into one row like 12_[3-5%2], and may lag the controller by a moment)
+        out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"], "squeue")
+        for line in out.splitlines():
+            task, _, state = line.partition("|")
+            if task:
                 states[task] = state
         return states
 
@@ -211,11 +262,13 @@ class SlurmBackend(Backend):
         else where the controller says (only while it still remembers the job)."""
         paths: set[Path] = set()
         if log_dir is not None:
-            paths.update(log_dir.glob(f"slurm-{job_id}*.out"))
+            paths.update(log_dir.glob(f"slurm-{job_id}.out"))
+            paths.update(log_dir.glob(f"slurm-{job_id}_*.out"))
         if not paths:
             out = _run(["scontrol", "show", "job", job_id], "scontrol show job")
             paths = {Path(t.split("=", 1)[1]) for t in out.split() if t.startswith("StdOut=")}
         return "".join(f"==> {p} <==\n{p.read_text()}" for p in sorted(paths) if p.exists())
 
     def cancel(self, job_id: str) -> None:
+        """``job_id`` may name one array task (``12_3``): only that trial is cancelled."""
         _run(["scancel", job_id], "scancel")

@@ -311,3 +311,10 @@ def test_cancelling_one_trial_of_a_sweep_leaves_the_others(tmp_path):
     rows = _wait(tmp_path, lambda rows: any(r["state"] == "completed" for r in rows))
     states = {("lr-0.02" in r["run"]): r["state"] for r in rows}
     assert states[False] == "completed" and "cancelled" in states[True]
+
+
+def test_array_ranges_from_sacct_are_read_task_by_task():
+    from trainyard.backends.slurm import _array_tasks
+
+    assert _array_tasks("12_[3-5,7%2]") == ["12_3", "12_4", "12_5", "12_7"]
+    assert _array_tasks("12_4") == ["12_4"] and _array_tasks("12") == ["12"]

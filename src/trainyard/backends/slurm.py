@@ -193,6 +193,19 @@ def _run(argv: list[str], what: str) -> str:
     return out.stdout
 
 
+def _array_tasks(task: str) -> list[str]:
+    """sacct's ``12_[3-5,7%2]`` (array tasks that never started) as ``12_3`` ... ``12_7``."""
+    if "_[" not in task:
+        return [task] if task else []
+    base, _, spec = task.partition("_[")
+    out = []
+    for part in spec.rstrip("]").split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit():
+            out += [f"{base}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return out
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
@@ -243,11 +256,11 @@ class SlurmBackend(Backend):
     def status(self, job_id: str) -> dict[str, str]:
         fields = "JobID,State"
         out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}"], "sacct")
-        states = {}
+        states: dict[str, str] = {}
         for line in out.splitlines():
             task, _, state = line.partition("|")
-            if task:
-                states[task] = state.split()[0] if state else "UNKNOWN"
+            for one in _array_tasks(task):
+                states.setdefault(one, state.split()[0] if state else "UNKNOWN")
         # tasks still queued or running, one line each (sacct folds pending array ranges
         # into one row like 12_[3-5%2], and may lag the controller by a moment)
         out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"], "squeue")

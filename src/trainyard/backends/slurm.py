@@ -158,6 +158,11 @@ trials=(
 {paths}
 )
 config="${{trials[${{SLURM_ARRAY_TASK_ID:-0}}]}}/config.yaml"
+# the ranks' rendezvous port, free on this (the first) node: Lightning would derive it from
+# the job id, and two jobs whose ids end alike on one node would collide
+for port in $(shuf -i 20000-60000 -n 50); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || {{ export MASTER_PORT=$port; break; }}
+done
 {_srun(job)}
 code=$?
 # exit {EXIT_PREEMPTED}: the ranks saved last.ckpt after Slurm's warning signal; requeue

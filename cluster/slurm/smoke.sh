@@ -6,6 +6,8 @@ set -uo pipefail
 
 PASS=0
 FAIL=0
+# Job output goes to a scratch directory that every "node" can write (they all share this
+# machine's /tmp); the EXIT trap below removes it.
 TMP=$(mktemp -d /tmp/trainyard-slurm-smoke.XXXXXX)
 chmod 0755 "$TMP"
 JOBS=()

@@ -14,9 +14,11 @@ Two kinds, run in two places:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -198,20 +200,15 @@ def check_consistency(cfg: DictConfig) -> None:
     _int(cfg, "signals.check_every_n_steps", 1, 10, optional=True)
 
 
-def _constructing(what: str, fix: str):
+@contextlib.contextmanager
+def _constructing(what: str, fix: str) -> Iterator[None]:
     """Turn a constructor's refusal into a ConfigError that names the settings."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"{what} refuses this config: {exc}", fix=fix) from exc
-
-    return guard()
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{what} refuses this config: {exc}", fix=fix) from exc
 
 
 def check_constructible(cfg: DictConfig) -> None:

@@ -126,7 +126,6 @@ def submit_planned(planned: list[Planned], dry_run: bool = False) -> list[dict[s
     """Check every trial, then prepare and send them (what a Hydra launcher calls too)."""
     from trainyard import backends, preflight
     from trainyard.freeze import freeze
-    from trainyard.trial import open_trial
 
     frozen = [preflight.check_config(freeze(p.config)) for p in planned]  # all, before any
     jobs = _jobs(planned, frozen)
@@ -140,10 +139,7 @@ def submit_planned(planned: list[Planned], dry_run: bool = False) -> list[dict[s
         if not dry_run:
             by_dir = {p.run_dir: (p, f) for p, f in zip(planned, frozen, strict=True)}
             queued = _queued(job.log_dir)
-            job.trials = [
-                t for t in job.trials
-                if t not in queued and not _open(open_trial, by_dir[t], t).completed
-            ]  # fmt: skip
+            job.trials = [t for t in job.trials if t not in queued and _needs_training(*by_dir[t])]
             if not job.trials:
                 continue
         for request in backend.render(job):
@@ -174,12 +170,14 @@ def _queued(log_dir: Path) -> set[Path]:
     return busy
 
 
-def _open(open_trial, planned_and_frozen, run_dir: Path):
-    planned, frozen = planned_and_frozen
-    trial = open_trial(frozen, run_dir, planned.overrides)
-    if trial.completed:
-        print(f"trainyard: {run_dir} already completed; not submitted again")
-    return trial
+def _needs_training(planned: Planned, frozen: DictConfig) -> bool:
+    """Freeze the trial into its run directory; False when it already completed."""
+    from trainyard.trial import open_trial
+
+    if open_trial(frozen, planned.run_dir, planned.overrides).completed:
+        print(f"trainyard: {planned.run_dir} already completed; not submitted again")
+        return False
+    return True
 
 
 def _record(job: Any, backend: str, job_id: str) -> dict[str, Any]:

@@ -55,13 +55,17 @@ def prepare_process() -> None:
     lean.apply()
 
 
-def state_digest(module) -> str:
-    """A hash of every parameter and buffer: what a bit-identical resume must reproduce."""
+def _digest(named_tensors) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(named_tensors):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def state_digest(module) -> str:
+    """A hash of every parameter and buffer: what a bit-identical resume must reproduce."""
+    return _digest(module.state_dict().items())
 
 
 def weights_digest(module) -> str:
@@ -71,11 +75,7 @@ def weights_digest(module) -> str:
     rank's own last forward pass, so they legitimately differ (checkpoints keep rank 0's;
     trainer.sync_batchnorm=true synchronises them).
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.named_parameters()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return _digest(module.named_parameters())
 
 
 def build_strategy(cfg: DictConfig) -> Any:

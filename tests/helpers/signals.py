@@ -3,6 +3,9 @@ can stop training exactly mid-epoch or at an epoch boundary through the real sig
 
 Add it with ``+callbacks.sig._target_=tests.helpers.signals.SignalAt +callbacks.sig.step=N``
 (the subprocess needs the repository on PYTHONPATH).
+
+A helper that tests import, not a test module: it asserts nothing itself; the tests that use
+it (tests/integration/test_preemption.py) check the exit codes, states and final weights.
 """
 
 from __future__ import annotations

@@ -57,10 +57,6 @@ class Resources:
             cpus_per_task=int(cpus),
         )
 
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.tasks_per_node
-
 
 @dataclass
 class Job:

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainyard.backends.base import Backend, Job
-from trainyard.errors import ConfigError, TrainyardError
-
-EXIT_PREEMPTED = 75  # trainyard.errors.EXIT_PREEMPTED, without importing more than needed
+from trainyard.errors import EXIT_PREEMPTED, ConfigError, TrainyardError
 
 
 class SlurmError(TrainyardError):

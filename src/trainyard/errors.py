@@ -61,6 +61,7 @@ class Stopped(TrainyardError):
     """Training stopped on request at a step boundary; ``last.ckpt`` holds that step."""
 
     state = "preempted"
+    step: int | None = None  # the optimizer step saved in last.ckpt, when known
 
 
 class Preempted(Stopped):

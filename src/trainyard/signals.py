@@ -87,9 +87,13 @@ def request(reason: str, signame: str) -> None:
         _request = StopRequest(reason, signame)
 
 
-def raise_if_requested(where: str) -> None:
+def raise_if_requested(where: str, step: int | None = None) -> None:
+    """Raise the pending stop; ``step``: the optimizer step ``last.ckpt`` holds, which a
+    backend compares between attempts to tell a stuck trial from a progressing one."""
     if _request is not None:
-        raise _request.error(where)
+        error = _request.error(where)
+        error.step = step
+        raise error
 
 
 def reset() -> None:

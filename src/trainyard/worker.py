@@ -231,7 +231,8 @@ def run_rank(config_path: str) -> float | None:
     except (Stopped, InterruptNow) as exc:
         if rank == 0:
             state = exc.state if isinstance(exc, Stopped) else "interrupted"
-            run.transition(state, reason=getattr(exc, "message", "a second Ctrl-C"))
+            reason = getattr(exc, "message", "a second Ctrl-C")
+            run.transition(state, reason=reason, step=getattr(exc, "step", None))
         raise
     finally:
         if claim is not None:
@@ -275,11 +276,11 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     if rank == 0:
         write_json(run.result_file, _result(cfg, trainer, fit_metrics, test_metrics, started))
         run.transition("completed", metric=metric)
-    _leave_process_group()
+    leave_process_group()
     return metric
 
 
-def _leave_process_group() -> None:
+def leave_process_group() -> None:
     """Close the process group once the trial is done: left to interpreter teardown, gloo's
     threads can abort the process (``terminate called without an active exception``) and
     turn a finished rank into a failed one under torchrun or srun."""
@@ -331,9 +332,14 @@ def exit_now(code: int) -> None:
 
 
 def run_rank_and_exit(config_path: str) -> None:
-    """Train this rank and exit with a code that says how it ended (0, 2 bad input,
-    3 failed, 75 preempted, 130 interrupted), leaving an error file for the launcher
-    and, on rank 0, the state in status.json."""
+    """Train this rank and exit with the code :func:`run_rank_code` returns."""
+    exit_now(run_rank_code(config_path))
+
+
+def run_rank_code(config_path: str) -> int:
+    """Train this rank; return a code that says how it ended (0, 2 bad input, 3 failed,
+    75 preempted, 130 interrupted), leaving an error file for the launcher and, on rank 0,
+    the state in status.json. Nothing escapes but the code."""
     import sys
     import traceback
 
@@ -359,8 +365,7 @@ def run_rank_and_exit(config_path: str) -> None:
     except Exception as exc:
         traceback.print_exc()
         _failed(run, rank, type(exc).__name__, f"{type(exc).__name__}: {exc}", code)
-    finally:
-        exit_now(code)
+    return code
 
 
 def _failed(run: RunDir, rank: int, kind: str, message: str, code: int) -> None:

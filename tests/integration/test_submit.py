@@ -43,7 +43,7 @@ def test_dry_run_prints_the_request_and_writes_nothing(tmp_path):
     out = _cli(tmp_path, "submit", "--dry-run", "cluster=slurm", "optimizer.lr=0.01,0.02")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("#SBATCH --array=0-1") == 1
-    assert "trainyard.worker" in out.stdout and "lr-0.01" in out.stdout
+    assert "submitit.core._submit" in out.stdout and "lr-0.01" in out.stdout
     assert not (tmp_path / "outputs").exists()
 
 

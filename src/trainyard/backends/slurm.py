@@ -1,21 +1,16 @@
-"""Slurm: a job per trial, a sweep as job arrays, one srun task per device.
+"""Slurm through submitit: a job per trial, a sweep as job arrays, one srun task per device.
 
-The rendered request is a complete sbatch script plus the sbatch command-line options that
-must not be written into it (paths may hold any character; ``#SBATCH`` lines cannot be
-quoted). Trials travel as the paths of their prepared run directories in a bash array, each
-quoted with :func:`shlex.quote`; no override, argv or config value reaches the script.
+The request is submitit's own sbatch script (``submitit.SlurmExecutor``, the executor that
+hydra-submitit-launcher drives), rendered with the same function submitit uses when it
+submits, so the dry run shows exactly what sbatch receives. Every srun task runs
+``python -u -m submitit.core._submit <folder>``, which calls
+:class:`~trainyard.backends.slurm_task.SlurmTrial` with the trial's run directory: the
+trial's frozen config travels as a path, never as overrides, argv or config values in the
+script. Requeueing after the time-limit warning and after preemption is described in
+:mod:`trainyard.backends.slurm_task`; Lightning's own Slurm auto-requeue is off.
 
-Inside the job, srun starts every rank (one task per device, on every node) on
-``python -m trainyard.worker <config.yaml>``; Lightning reads the Slurm environment and
-launches nothing. Preemption has one owner per case:
-
-- the time limit: Slurm sends ``cluster.signal`` (e.g. USR1, 90 s before) to the ranks,
-  which checkpoint at a step boundary and exit 75; the job script then requeues its own
-  task (``scontrol requeue``), and the next attempt resumes from ``last.ckpt``;
-- preemption and ``scontrol requeue``: Slurm sends SIGTERM, the ranks checkpoint the same
-  way within KillWait, and Slurm requeues the job itself.
-
-Lightning's own Slurm auto-requeue is off (trainyard owns the signals).
+Values that go into ``#SBATCH`` lines are refused unless they are one plain token: sbatch
+reads those lines itself, and a newline would end the comment and start a command.
 """
 
 from __future__ import annotations
@@ -26,11 +21,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trainyard.backends.base import Backend, Job
-from trainyard.errors import EXIT_PREEMPTED, ConfigError, TrainyardError
+from trainyard.errors import ConfigError, TrainyardError
+
+# submitit's warning signal before the time limit (its default; submitit reads the same
+# SUBMITIT_PREEMPT_SIGNAL variable on both sides)
+WARNING_SIGNAL = "USR2"
 
 
 class SlurmError(TrainyardError):
@@ -41,21 +41,24 @@ class SlurmError(TrainyardError):
 
 @dataclass
 class SlurmRequest:
-    """One sbatch call: ``sbatch <options> <script file>`` with ``script`` as the file."""
+    """One submission: submitit's executor ``params`` and ``folder`` for ``trials``, and
+    the exact sbatch ``script`` submitit writes for them."""
 
     script: str
-    options: list[str]
-    script_path: Path
+    params: dict[str, Any]
+    trials: list[Path]
+    folder: Path  # submitit's folder (with %j): job pickles, results and logs
+    python: str  # the command that starts Python on the nodes
+    max_num_timeout: int = 3
+    options: list[str] = field(default_factory=list)  # none: everything is in the script
 
     def __str__(self) -> str:
-        command = shlex.join(["sbatch", *self.options, str(self.script_path)])
-        return f"# {command}\n{self.script}"
+        """The dry run: which trial each array task runs, then the script sbatch gets."""
+        tasks = "".join(f"#   task {i}: {t}\n" for i, t in enumerate(self.trials))
+        return f"# sbatch <this script>, one array task per trial:\n{tasks}{self.script}"
 
 
-# A #SBATCH value is read by sbatch, not by a shell, but a newline would end the comment and
-# start a command, and whitespace splits it: values are refused unless they are one plain
-# token (constraints keep their & | ( ) [ ] * operators).
-_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/&|()\[\]*!-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@+=/&|()\[\]*!-]+$")  # constraints keep & | ( ) [ ] *
 _OPTION = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
@@ -64,113 +67,109 @@ def _token(key: str, value) -> str:
     if not _TOKEN.match(text):
         raise ConfigError(
             f"cluster.{key}={text!r} cannot go into an sbatch option (whitespace, quotes, "
-            "newlines and shell characters are refused)",
+            "newlines, % and shell characters are refused)",
             fix=f"cluster.{key}=<a plain value, as sbatch --{key.replace('_', '-')} takes it>",
         )
     return text
 
 
 def check_signal(cluster: dict, preempt: list[str]) -> None:
-    """``cluster.signal`` must reach the ranks (not the batch shell, which it would kill),
-    be one trainyard stops on, and leave time to train before it arrives."""
-    spec = cluster.get("signal")
-    if not spec:
-        return
-    name, _, lead = str(spec).partition("@")
+    """The time-limit warning must be a signal trainyard stops on, and leave time to
+    train before it arrives."""
     names = {str(p).upper().removeprefix("SIG") for p in preempt}
-    if name.startswith(("B:", "R:")) or name.upper().removeprefix("SIG") not in names:
+    if WARNING_SIGNAL not in names:
         raise ConfigError(
-            f"cluster.signal={spec!r}: the ranks must receive it (no B: prefix) and it must be "
-            f"one of signals.preempt ({', '.join(sorted(names))})",
-            fix="cluster.signal=USR1@90",
+            f"signals.preempt does not include SIG{WARNING_SIGNAL}, Slurm's warning before "
+            "the time limit (submitit's): the job would be killed without a checkpoint",
+            fix=f"signals.preempt=[SIGTERM,SIG{WARNING_SIGNAL}]",
         )
-    if lead and lead.isdigit() and int(cluster.get("time_min") or 60) * 60 <= int(lead):
+    lead = int(cluster.get("signal_delay_s") or 90)
+    if int(cluster.get("time_min") or 60) * 60 <= lead:
         raise ConfigError(
-            f"cluster.signal={spec!r} comes {lead} s before a time limit of "
-            f"{cluster.get('time_min')} min: it would arrive at the start",
-            fix="cluster.time_min larger than the signal's lead time",
+            f"cluster.signal_delay_s={lead}: the warning would come at the start of a job "
+            f"with cluster.time_min={cluster.get('time_min')}",
+            fix="cluster.time_min larger than the warning's lead time (in minutes)",
         )
 
 
-def _directives(job: Job, count: int) -> list[str]:
+# the ranks' rendezvous port, free on the first node: Lightning would derive it from the
+# job id, and two jobs whose ids end alike on one node would collide
+PORT_SETUP = [
+    "for port in $(shuf -i 20000-60000 -n 50); do",
+    '  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { export MASTER_PORT=$port; break; }',
+    "done",
+]
+
+
+def executor_params(job: Job, count: int) -> dict[str, Any]:
+    """submitit ``SlurmExecutor`` parameters (sbatch's names) for ``count`` trials."""
     c, r = job.cluster, job.resources
-    lines = [
-        f"--job-name=trainyard-{job.name}",
-        f"--nodes={r.nodes}",
-        f"--ntasks-per-node={r.tasks_per_node}",
-        f"--cpus-per-task={r.cpus_per_task}",
-        f"--time={int(c.get('time_min') or 60)}",
-        "--requeue",
-        "--open-mode=append",
-    ]
-    if count > 1:
-        parallel = c.get("array_parallelism")
-        lines.append(f"--array=0-{count - 1}" + (f"%{int(parallel)}" if parallel else ""))
+    params: dict[str, Any] = {
+        "job_name": f"trainyard-{job.name}",
+        "nodes": r.nodes,
+        "ntasks_per_node": r.tasks_per_node,
+        "cpus_per_task": r.cpus_per_task,
+        "time": int(c.get("time_min") or 60),
+        "signal_delay_s": int(c.get("signal_delay_s") or 90),
+        "setup": [*(str(line) for line in c.get("setup") or []), *PORT_SETUP],
+        "srun_args": ["--kill-on-bad-exit=1", *_container_srun_args(c)],
+        "wckey": None,  # submitit would tag every job "submitit"
+        "array_parallelism": int(c.get("array_parallelism") or count),
+    }
     if r.gpus_per_node:
-        lines.append(f"--gpus-per-node={r.gpus_per_node}")
-    for key in ("partition", "account", "qos", "constraint", "mem", "mem_per_gpu", "signal"):
+        params["gpus_per_node"] = r.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "mem", "mem_per_gpu"):
         if c.get(key):
-            lines.append(f"--{key.replace('_', '-')}={_token(key, c[key])}")
+            params[key] = _token(key, c[key])
+    extra: dict[str, Any] = {"requeue": True}
     for key, value in sorted((c.get("additional_parameters") or {}).items()):
         if not _OPTION.match(str(key)):
             raise ConfigError(f"cluster.additional_parameters: {key!r} is not an sbatch option")
-        option = f"--{key.replace('_', '-')}"  # a flag without a value: {exclusive: ""}
-        lines.append(f"{option}={_token(key, value)}" if value not in ("", None) else option)
-    return lines
+        extra[key] = True if value in ("", None, True) else _token(key, value)
+    params["additional_parameters"] = extra
+    return params
 
 
-def _srun(job: Job) -> str:
-    c = job.cluster
-    python = c.get("python") or sys.executable
-    worker = f'{shlex.quote(str(python))} -u -m trainyard.worker "$config"'
+def _container_srun_args(c: dict) -> list[str]:
+    container = c.get("container") or {}
+    if container.get("engine") != "pyxis":
+        return []
+    args = [f"--container-image={container.get('image')}"]
+    if container.get("mounts"):
+        args.append(f"--container-mounts={','.join(container['mounts'])}")
+    return args
+
+
+def python_command(c: dict) -> str:
+    """How the nodes start Python: the submitting interpreter on a shared filesystem, the
+    image's ``python`` under pyxis, or ``apptainer exec`` of the image."""
     container = c.get("container") or {}
     engine, image = container.get("engine"), container.get("image")
-    mounts = ",".join(container.get("mounts") or [])
-    srun = "srun --kill-on-bad-exit=1"
-    if engine == "pyxis":
-        srun += f" --container-image={shlex.quote(str(image))}"
-        if mounts:
-            srun += f" --container-mounts={shlex.quote(mounts)}"
-        return f"{srun} {worker}"
+    if engine and not image:
+        raise ConfigError(
+            f"cluster.container.engine={engine} needs an image",
+            fix="cluster.container.image=<the tag `make image` printed, or a .sif file>",
+        )
+    python = str(c.get("python") or ("python" if engine else sys.executable))
     if engine == "apptainer":
-        binds = f" --bind {shlex.quote(mounts)}" if mounts else ""
-        return f"{srun} apptainer exec --nv{binds} {shlex.quote(str(image))} {worker}"
-    if engine:
+        binds = ["--bind", ",".join(container["mounts"])] if container.get("mounts") else []
+        return shlex.join(["apptainer", "exec", "--nv", *binds, str(image), python])
+    if engine not in (None, "pyxis"):
         raise ConfigError(
             f"cluster.container.engine={engine!r} is not supported on Slurm",
             fix="cluster.container.engine=pyxis, apptainer or null",
         )
-    return f"{srun} {worker}"
+    return shlex.quote(python)
 
 
-def render_script(job: Job, trials: list[Path]) -> str:
-    directives = "\n".join(f"#SBATCH {d}" for d in _directives(job, len(trials)))
-    setup = "\n".join(job.cluster.get("setup") or [])
-    paths = "\n".join(f"  {shlex.quote(str(t))}" for t in trials)
-    return f"""#!/bin/bash
-# Rendered by trainyard: one array task per trial, one srun task per device.
-{directives}
+def render_script(request_params: dict[str, Any], folder: Path, python: str, count: int) -> str:
+    """submitit's sbatch script, from the function its executor submits with."""
+    from submitit.slurm.slurm import _make_sbatch_string
 
-{setup}
-trials=(
-{paths}
-)
-config="${{trials[${{SLURM_ARRAY_TASK_ID:-0}}]}}/config.yaml"
-# the ranks' rendezvous port, free on this (the first) node: Lightning would derive it from
-# the job id, and two jobs whose ids end alike on one node would collide
-for port in $(shuf -i 20000-60000 -n 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || {{ export MASTER_PORT=$port; break; }}
-done
-{_srun(job)}
-code=$?
-# exit {EXIT_PREEMPTED}: the ranks saved last.ckpt after Slurm's warning signal; requeue
-# this task so that it resumes (preemption and scontrol requeue are requeued by Slurm)
-if [ "$code" -eq {EXIT_PREEMPTED} ]; then
-  task="${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}${{SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}"
-  scontrol requeue "$task"
-fi
-exit "$code"
-"""
+    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(
+        command=command, folder=folder, map_count=count if count > 1 else None, **request_params
+    )
 
 
 def split(trials: list[Path], max_array_size: int) -> list[list[Path]]:
@@ -213,21 +212,20 @@ class SlurmBackend(Backend):
     name = "slurm"
 
     def render(self, job: Job) -> list[SlurmRequest]:
-        log_dir = job.log_dir or job.trials[0].parent
-        chunks = split(job.trials, job.cluster.get("max_array_size") or 1001)
-        requests = []
-        for index, trials in enumerate(chunks):
-            suffix = f"-{index}" if len(chunks) > 1 else ""
-            # sbatch expands %-patterns in the output path: a literal % is written %%
-            escaped = str(log_dir).replace("%", "%%")
-            out = f"{escaped}/" + ("slurm-%A_%a.out" if len(trials) > 1 else "slurm-%j.out")
-            requests.append(
-                SlurmRequest(
-                    script=render_script(job, trials),
-                    options=["--parsable", f"--output={out}", f"--chdir={log_dir}"],
-                    script_path=log_dir / f"{job.name}{job.tag}{suffix}.sbatch",
-                )
+        log_dir = Path(job.log_dir or job.trials[0].parent)
+        if "%" in str(log_dir):  # sbatch would expand it in the output paths
+            raise ConfigError(
+                f"{log_dir}: sbatch expands % in paths",
+                fix="paths.output_dir=<a directory without %>",
             )
+        python = python_command(job.cluster)
+        timeouts = int(job.cluster.get("max_requeues_without_progress") or 3)
+        requests = []
+        for trials in split(job.trials, job.cluster.get("max_array_size") or 1001):
+            folder = log_dir / ".submitit" / "%j"
+            params = executor_params(job, len(trials))
+            script = render_script(params, folder, python, len(trials))
+            requests.append(SlurmRequest(script, params, trials, folder, python, timeouts))
         return requests
 
     def check(self, request: SlurmRequest) -> None:
@@ -240,9 +238,8 @@ class SlurmBackend(Backend):
         with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as script:
             script.write(request.script)
             script.flush()
-            options = [o for o in request.options if not o.startswith(("--output", "--chdir"))]
             try:
-                _run(["sbatch", "--test-only", *options, script.name], "sbatch --test-only")
+                _run(["sbatch", "--test-only", script.name], "sbatch --test-only")
             except SlurmError as exc:
                 raise SlurmError(
                     f"Slurm would refuse this job: {exc.message}",
@@ -251,11 +248,28 @@ class SlurmBackend(Backend):
                 ) from None
 
     def submit(self, request: SlurmRequest) -> str:
-        request.script_path.parent.mkdir(parents=True, exist_ok=True)
-        request.script_path.write_text(request.script)
-        out = _run(["sbatch", *request.options, str(request.script_path)], "sbatch")
-        return out.strip().split(";")[0]
+        """submitit's executor pickles one :class:`SlurmTrial` call per trial and submits
+        them as one array (one job for a single trial)."""
+        import submitit
 
+        from trainyard.backends.slurm_task import SlurmTrial
+
+        executor = submitit.SlurmExecutor(
+            request.folder, max_num_timeout=request.max_num_timeout, python=request.python
+        )
+        executor.update_parameters(**request.params)
+        trials = [str(t) for t in request.trials]
+        try:
+            if len(trials) == 1:
+                return executor.submit(SlurmTrial(), trials[0]).job_id
+            return executor.map_array(SlurmTrial(), trials)[0].job_id.split("_")[0]
+        except Exception as exc:  # submitit raises its own errors with sbatch's stderr
+            message = str(exc).strip().splitlines()
+            raise SlurmError(
+                f"sbatch failed: {message[-1] if message else type(exc).__name__}",
+                fix="scontrol ping (is the controller up?), then check the request with "
+                "trainyard submit --dry-run",
+            ) from None
     def status(self, job_id: str) -> dict[str, str]:
         fields = "JobID,State"
         out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}"], "sacct")
@@ -277,9 +291,9 @@ class SlurmBackend(Backend):
         """The job's output files: found in ``log_dir`` (where :meth:`render` sends them),
         else where the controller says (only while it still remembers the job)."""
         paths: set[Path] = set()
-        if log_dir is not None:
-            paths.update(log_dir.glob(f"slurm-{job_id}.out"))
-            paths.update(log_dir.glob(f"slurm-{job_id}_*.out"))
+        if log_dir is not None:  # submitit's folder: <job>[_<task>]/<job>_<rank>_log.out|err
+            for pattern in (f"{job_id}/*_log.*", f"{job_id}_*/*_log.*"):
+                paths.update((Path(log_dir) / ".submitit").glob(pattern))
         if not paths:
             out = _run(["scontrol", "show", "job", job_id], "scontrol show job")
             paths = {Path(t.split("=", 1)[1]) for t in out.split() if t.startswith("StdOut=")}

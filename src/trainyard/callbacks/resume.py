@@ -157,13 +157,14 @@ class ResumeCheckpoint(Checkpoint):
             return
         if agreed_stop(trainer):
             self._save(trainer)
-            signals.raise_if_requested(f"at step {trainer.global_step}, saved in {self.path}")
+            where = f"at step {trainer.global_step}, saved in {self.path}"
+            signals.raise_if_requested(where, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
         if agreed_stop(trainer):
             where = f"after epoch {trainer.current_epoch + 1} (1-based), saved in {self.path}"
-            signals.raise_if_requested(where)
+            signals.raise_if_requested(where, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step != trainer.global_step:  # stopped by max_steps mid-epoch

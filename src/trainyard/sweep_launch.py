@@ -1,0 +1,114 @@
+"""What trainyard's Hydra launchers share: turn the sweeper's trials into prepared trials,
+send them to a backend, wait, and hand each trial's metric back to the sweeper.
+
+Hydra composes each trial's config once, here, on the submitting machine (the sweeper
+chose the overrides); the trial gets the run directory Hydra's ``sweep.dir`` /
+``sweep.subdir`` name, and :func:`trainyard.submit.submit_planned` checks, freezes and
+sends them all, as ``trainyard submit`` does. Nodes never compose or parse overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger("trainyard")
+
+# trial states that end a wait; a preempted trial is requeued by the scheduler
+_DONE = ("completed", "failed", "interrupted")
+# scheduler states after which nothing more will happen to a task
+_GONE = ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "COMPLETED", "ENDED")
+
+
+def launch(
+    launcher: Any,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    wait: bool = True,
+    poll_s: float = 2.0,
+    adjust: Callable[[DictConfig], None] | None = None,
+) -> list[Any]:
+    """``adjust(sweep_config)``: a launcher's last word on a trial's composed config (with
+    its ``hydra`` node) before it is frozen."""
+    from trainyard import signals
+    from trainyard.errors import TrainyardError
+    from trainyard.submit import submit_planned
+
+    planned, failed = [], {}
+    for index, overrides in enumerate(job_overrides):
+        try:
+            planned.append(_plan(launcher, list(overrides), initial_job_idx + index, adjust))
+        except TrainyardError as exc:  # this trial cannot even be composed
+            failed[index] = exc
+    signals.install()
+    records = submit_planned(planned) if planned else []
+    if wait:
+        _wait(records, poll_s)
+    return _returns(job_overrides, planned, failed)
+
+
+def _plan(launcher: Any, overrides: list[str], job_num: int, adjust) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainyard.submit import Planned
+
+    sweep = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
+    with open_dict(sweep.hydra.job):
+        sweep.hydra.job.num = job_num
+    HydraConfig.instance().set_config(sweep)  # resolves ${hydra:...} for this trial
+    if adjust is not None:
+        adjust(sweep)
+    run_dir = Path(str(sweep.hydra.sweep.dir)) / str(sweep.hydra.sweep.subdir)
+    with open_dict(sweep):
+        del sweep["hydra"]
+    sweep.paths.run_dir = str(run_dir)
+    return Planned(overrides, sweep, run_dir)
+
+
+def _wait(records: list[dict], poll_s: float) -> None:
+    from trainyard import backends, signals
+    from trainyard.rundir import RunDir
+
+    while True:
+        pending = []
+        for record in records:
+            scheduler = backends.get(record["backend"]).status(record["job_id"])
+            gone = scheduler and all(s.split()[0] in _GONE for s in scheduler.values())
+            if not gone:
+                pending += [t for t in record["trials"] if RunDir(t).state not in _DONE]
+        if not pending:
+            return
+        request = signals.requested()
+        if request is not None:  # the driver was stopped: the trials stay queued
+            raise request.error(f"while waiting for {len(pending)} trial(s)")
+        time.sleep(poll_s)
+
+
+def _returns(job_overrides, planned, failed) -> list[Any]:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from trainyard import train
+    from trainyard.rundir import RunDir, read_json
+
+    by_overrides = {tuple(p.overrides): p for p in planned}
+    returns = []
+    for index, overrides in enumerate(job_overrides):
+        ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+        trial = by_overrides.get(tuple(overrides))
+        run = RunDir(trial.run_dir) if trial else None
+        if index in failed or run is None or not run.result_file.exists():
+            reason = failed.get(index) or (run and run.status()["history"][-1].get("error"))
+            where = str(run.root) if run else " ".join(overrides)
+            train._failed_trials.append((where, str(reason or "did not complete"), 3))
+            ret.return_value = float("nan")
+        else:
+            ret.return_value = read_json(run.result_file).get("value")
+            ret.working_dir = str(run.root)
+        returns.append(ret)
+    log.info("%d trial(s) done", len(returns))
+    return returns

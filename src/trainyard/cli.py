@@ -100,7 +100,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from trainyard.submit import submit
 
     try:
-        submit(args.overrides, dry_run=args.dry_run)
+        submit(args.overrides, dry_run=args.dry_run, build=args.build_check)
     except TrainyardError as exc:
         print(f"trainyard: {exc.render()}", file=sys.stderr)
         return exc.exit_code
@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare trials and send them to a cluster (cluster=slurm); a,b values sweep",
     )
     submit.add_argument("--dry-run", action="store_true", help="print the requests only")
+    submit.add_argument(
+        "--build-check",
+        action="store_true",
+        help="also build the data module, network, loss and optimizer of each distinct "
+        "trial before queueing (imports torch: a few seconds more)",
+    )
     submit.add_argument("overrides", nargs="*", help="Hydra overrides, as for trainyard-train")
     submit.set_defaults(func=cmd_submit)
     for name, func, text in (

@@ -25,6 +25,7 @@ from trainyard.errors import ConfigError
 from trainyard.rundir import trial_key, write_json
 
 SUBMISSION = "submission.json"  # what was sent where: read by status, logs and cancel
+_BUILT = ("data", "model", "loss", "optimizer", "scheduler")  # what check_constructible reads
 
 
 @dataclass
@@ -117,17 +118,28 @@ def _jobs(planned: list[Planned], frozen: list[DictConfig]) -> list[Any]:
     return jobs
 
 
-def submit(overrides: list[str], dry_run: bool = False) -> list[dict[str, Any]]:
-    """Prepare and send; returns what was submitted (also written to submission.json)."""
-    return submit_planned(plan(overrides), dry_run)
+def submit(overrides: list[str], dry_run: bool = False, build: bool = False) -> list[dict]:
+    """Prepare and send; returns what was submitted (also written to submission.json).
+    ``build``: also run the constructors (imports torch); the ranks run them first anyway,
+    and a failure there is recorded in the trial's run directory."""
+    return submit_planned(plan(overrides), dry_run, build)
 
 
-def submit_planned(planned: list[Planned], dry_run: bool = False) -> list[dict[str, Any]]:
+def submit_planned(
+    planned: list[Planned], dry_run: bool = False, build: bool = True
+) -> list[dict[str, Any]]:
     """Check every trial, then prepare and send them (what a Hydra launcher calls too)."""
     from trainyard import backends, preflight
     from trainyard.freeze import freeze
 
-    frozen = [preflight.check_config(freeze(p.config)) for p in planned]  # all, before any
+    frozen = [preflight.check_config(freeze(p.config), build=False) for p in planned]
+    if build:  # once per distinct set of constructor settings: a sweep over lr builds once
+        seen = set()
+        for cfg in frozen:
+            key = json.dumps([OmegaConf.to_container(cfg[k]) for k in _BUILT if k in cfg])
+            if key not in seen:
+                seen.add(key)
+                preflight.check_constructible(cfg)
     jobs = _jobs(planned, frozen)
     for job in jobs:  # the cluster's own verdict, before any run directory is written
         backend = backends.get(job.cluster.get("backend", "local"))
@@ -158,13 +170,15 @@ _ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPE
 def _queued(log_dir: Path) -> set[Path]:
     """Trials an earlier submission from here still has queued or running: not again."""
     from trainyard import backends
+    from trainyard.rundir import RunDir
 
     path, busy = Path(log_dir) / SUBMISSION, set()
     for record in json.loads(path.read_text()) if path.exists() else []:
         tasks = backends.get(record["backend"]).status(record["job_id"])
         for index, trial in enumerate(record["trials"]):
             state = tasks.get(f"{record['job_id']}_{index}") or tasks.get(record["job_id"], "")
-            if state.split(" ")[0] in _ACTIVE:
+            # a completed trial's job may still be tearing down: nothing would run again
+            if state.split(" ")[0] in _ACTIVE and RunDir(trial).state != "completed":
                 print(f"trainyard: {trial} is already queued as job {record['job_id']} ({state})")
                 busy.add(Path(trial))
     return busy

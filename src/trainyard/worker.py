@@ -22,7 +22,7 @@ from trainyard import signals
 from trainyard.errors import CheckpointError, ConfigError, InterruptNow, Stopped, TrainingFailed
 from trainyard.freeze import load_frozen
 from trainyard.rendezvous import global_rank
-from trainyard.rundir import RunDir, write_json
+from trainyard.rundir import RunDir, read_json, write_json
 
 
 def _limit_threads() -> None:
@@ -219,7 +219,10 @@ def run_rank(config_path: str) -> float | None:
     signals.install(OmegaConf.select(cfg, "signals.preempt", default=signals.DEFAULT_PREEMPT))
     run = RunDir(Path(config_path).parent)
     rank = global_rank()
-    run.write_rank_info(rank, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    # which frozen config this rank trains from: the same bytes on every rank and attempt
+    digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16]
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    run.write_rank_info(rank, local_rank=local_rank, config_sha256=digest)
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)
@@ -248,7 +251,8 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     if trainer.world_size == 1:  # several ranks agree on it at train start instead
         signals.raise_if_requested("before training started")
     if rank == 0:
-        run.transition("running", resumed_from=ckpt_path)
+        digest = read_json(run.ranks / "rank0.json").get("config_sha256")
+        run.transition("running", resumed_from=ckpt_path, config_sha256=digest)
     started = time.time()
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:

@@ -2,8 +2,10 @@
 arrays, multi-node DDP, requeues that resume exactly, hostile override values, and the
 rendered script pinned by a golden file."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,6 +112,10 @@ def _wait(root: Path, done, timeout: float = 240) -> list[dict]:
         time.sleep(1)
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def _ranks(run: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(run).glob("ranks/rank?.json"))]
 
@@ -121,7 +127,9 @@ DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2", "traine
 @pytest.mark.slow
 @needs_cluster
 def test_a_sweep_of_two_node_ddp_jobs_runs_as_one_array(tmp_path):
-    out = _submit(tmp_path, *DDP2, "trainer.max_epochs=2", "optimizer.lr=0.002,0.02")
+    # composed once, on this machine: a time stamp resolves once, into the frozen config
+    stamp = "+stamp='${now:%H%M%S%f}'"
+    out = _submit(tmp_path, *DDP2, "trainer.max_epochs=2", "optimizer.lr=0.002,0.02", stamp)
     assert out.returncode == 0, out.stderr
     assert "submitted 2 trial(s) to slurm" in out.stdout
     rows = _wait(tmp_path, lambda rows: all(r["state"] == "completed" for r in rows))
@@ -131,6 +139,9 @@ def test_a_sweep_of_two_node_ddp_jobs_runs_as_one_array(tmp_path):
         ranks = _ranks(row["run"])
         assert {r["host"] for r in ranks} == {"n1", "n2"}  # one rank per node
         assert ranks[0]["weights"] == ranks[1]["weights"]
+        frozen = (Path(row["run"]) / "config.yaml").read_bytes()
+        assert {r["config_sha256"] for r in ranks} == {_sha(frozen)}
+        assert re.search(rb"\nstamp: '?\d{12}'?\n", frozen)
         lrs.update(lr for r in ranks for lr in r["lr"])
     assert lrs == {0.002, 0.02}
 
@@ -167,9 +178,10 @@ def test_requeued_twice_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     # long enough (~3000 steps) that each attempt is still training when it is stopped
     common = ["trainer.max_epochs=150", "callbacks.early_stopping=null", "data.augment=true"]
     assert _submit(tmp_path, *common, "name=ref").returncode == 0
-    out = _submit(tmp_path, *common, "name=requeued")
+    out = _submit(tmp_path, *common, "name=requeued", "+stamp='${now:%H%M%S%f}'")
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split()[-1]
+    frozen = next((tmp_path / "outputs" / "requeued").rglob("config.yaml")).read_bytes()
 
     def run_of(rows):
         return next(r for r in rows if "/requeued/" in r["run"])
@@ -188,6 +200,8 @@ def test_requeued_twice_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     history = json.loads((Path(requeued["run"]) / "status.json").read_text())["history"]
     assert [h["state"] for h in history].count("preempted") == 2
     assert requeued["attempt"] == 3
+    # every attempt trained from the config frozen at submission, time stamp included
+    assert {h["config_sha256"] for h in history if h["state"] == "running"} == {_sha(frozen)}
     assert _ranks(requeued["run"])[0]["full_state"] == _ranks(ref["run"])[0]["full_state"]
 
 
@@ -320,3 +334,65 @@ def test_array_ranges_from_sacct_are_read_task_by_task():
 
     assert _array_tasks("12_[3-5,7%2]") == ["12_3", "12_4", "12_5", "12_7"]
     assert _array_tasks("12_4") == ["12_4"] and _array_tasks("12") == ["12"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_a_node_that_dies_mid_job_requeues_the_trial_which_resumes_on_another(tmp_path):
+    out = _submit(tmp_path, "trainer.max_epochs=150", "callbacks.early_stopping=null")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split()[-1]
+    [row] = _wait(tmp_path, lambda rows: rows[0]["state"].startswith("running")
+                  and (Path(rows[0]["run"]) / "checkpoints/last.ckpt").exists())  # fmt: skip
+    dead = _ranks(row["run"])[0]["host"]
+    try:  # the node goes down: Slurm kills what ran there and requeues the job (NODE_FAIL);
+        # drained first, so that it does not come straight back (ReturnToService=2)
+        for state in ("drain", "down"):
+            subprocess.run(["scontrol", "update", f"nodename={dead}", f"state={state}",
+                            "reason=trainyard-test"], check=True)  # fmt: skip
+        [row] = _wait(tmp_path, lambda rows: rows[0]["attempt"] == 2
+                      and rows[0]["state"].startswith("running"), 180)  # fmt: skip
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={dead}", "state=resume"], check=True)
+        subprocess.run(["scancel", job_id], check=True)
+    history = json.loads((Path(row["run"]) / "status.json").read_text())["history"]
+    resumed = [h for h in history if h["state"] == "running"][-1]
+    assert resumed["host"] != dead and resumed["resumed_from"].endswith("last.ckpt")
+    sacct = subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-o", "State"],
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "NODE_FAIL" in sacct, sacct
+
+
+def _controller_pid() -> int:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    pidfile = next(line.split("=", 1)[1].strip() for line in out.splitlines()
+                   if line.startswith("SlurmctldPidFile"))  # fmt: skip
+    return int(Path(pidfile).read_text().split()[0])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_with_the_controller_down_submit_fails_fast_and_status_still_answers(tmp_path):
+    out = _submit(tmp_path, "trainer.max_epochs=1")
+    assert out.returncode == 0, out.stderr
+    _wait(tmp_path, lambda rows: rows[0]["state"] == "completed")
+    script = Path(__file__).parents[2] / "cluster" / "slurm" / "cluster.sh"
+    os.kill(_controller_pid(), 15)
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        out = _submit(tmp_path, "trainer.max_epochs=2")
+        assert out.returncode == 2 and "controller is not answering" in out.stderr, out.stderr
+        assert time.monotonic() - started < 10
+        assert len(_statuses(tmp_path)) == 1  # nothing prepared for the refused trial
+        started = time.monotonic()
+        status = subprocess.run(
+            [sys.executable, "-m", "trainyard.cli", "status", str(tmp_path / "outputs")],
+            capture_output=True, text=True, env=_env(tmp_path), timeout=60,
+        )  # fmt: skip
+        assert status.returncode == 0 and "completed" in status.stdout
+        assert "not answering" in status.stderr and time.monotonic() - started < 10
+    finally:
+        subprocess.run(["bash", str(script), "start"], check=True, capture_output=True)

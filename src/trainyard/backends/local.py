@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,14 @@ class LocalBackend(Backend):
         log = (log_dir or Path.cwd()) / "local.out"
         return log.read_text() if log.exists() else ""
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, wait_s: float = 60.0) -> None:
+        """SIGTERM: the trials checkpoint and stop. Returns once the job has ended (there is
+        no scheduler to ask later), so a resubmission right after resumes it."""
         with contextlib.suppress(ProcessLookupError):  # already ended
             os.killpg(int(job_id), signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while self.status(job_id)[job_id] == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def main(run_dirs: list[str]) -> int:

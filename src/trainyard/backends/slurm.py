@@ -195,6 +195,23 @@ def _run(argv: list[str], what: str) -> str:
     return out.stdout
 
 
+def controller_up() -> bool:
+    """``scontrol ping`` answers at once, even when the controller is down."""
+    try:
+        return subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"trainyard: {message}", file=sys.stderr)
+
+
 def _array_tasks(task: str) -> list[str]:
     """sacct's ``12_[3-5,7%2]`` (array tasks that never started) as ``12_3`` ... ``12_7``."""
     if "_[" not in task:
@@ -235,6 +252,12 @@ class SlurmBackend(Backend):
         if shutil.which("sbatch") is None:
             print("trainyard: sbatch is not installed here: the request is not checked by Slurm")
             return
+        if not controller_up():  # sbatch would retry for ~20 s before saying so
+            raise SlurmError(
+                "the Slurm controller is not answering (scontrol ping): nothing was prepared "
+                "or queued",
+                fix="try again once `scontrol ping` says UP (or ask your cluster's admins)",
+            )
         with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as script:
             script.write(request.script)
             script.flush()
@@ -278,6 +301,9 @@ class SlurmBackend(Backend):
             task, _, state = line.partition("|")
             for one in _array_tasks(task):
                 states.setdefault(one, state.split()[0] if state else "UNKNOWN")
+        if not controller_up():  # accounting answers without it; squeue would hang ~20 s
+            _warn_once("the Slurm controller is not answering: states come from accounting")
+            return states
         # tasks still queued or running, one line each (sacct folds pending array ranges
         # into one row like 12_[3-5%2], and may lag the controller by a moment)
         out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"], "squeue")

@@ -31,10 +31,6 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 log = logging.getLogger("trainyard")
 
 
-def _site(key: str, default: str) -> str:
-    return "${oc.select:cluster." + key + "," + default + "}"
-
-
 @dataclass
 class TrainyardSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.trainyard.slurm_launcher.TrainyardSlurmLauncher"
@@ -42,23 +38,25 @@ class TrainyardSlurmConf(SlurmQueueConf):
     nodes: Any = "${oc.select:trainer.num_nodes,1}"
     tasks_per_node: Any = "${oc.select:trainer.devices,1}"
     # the site: cluster/<site>.yaml
-    timeout_min: Any = _site("time_min", "60")
-    cpus_per_task: Any = _site("cpus_per_task", "null")
-    partition: Any = _site("partition", "null")
-    qos: Any = _site("qos", "null")
-    account: Any = _site("account", "null")
-    constraint: Any = _site("constraint", "null")
-    mem_per_gpu: Any = _site("mem_per_gpu", "null")
-    signal_delay_s: Any = _site("signal_delay_s", "90")
-    max_num_timeout: Any = _site("max_requeues_without_progress", "3")
-    array_parallelism: Any = _site("array_parallelism", "256")
+    timeout_min: Any = "${oc.select:cluster.time_min,60}"
+    cpus_per_task: Any = "${oc.select:cluster.cpus_per_task,null}"
+    partition: Any = "${oc.select:cluster.partition,null}"
+    qos: Any = "${oc.select:cluster.qos,null}"
+    account: Any = "${oc.select:cluster.account,null}"
+    constraint: Any = "${oc.select:cluster.constraint,null}"
+    mem_per_gpu: Any = "${oc.select:cluster.mem_per_gpu,null}"
+    signal_delay_s: Any = "${oc.select:cluster.signal_delay_s,90}"
+    max_num_timeout: Any = "${oc.select:cluster.max_requeues_without_progress,3}"
+    array_parallelism: Any = "${oc.select:cluster.array_parallelism,256}"
     # trainyard: wait for the trials and hand their metrics to the sweeper (false: submit
     # and return), looking at run directories and the scheduler every poll_s seconds
     wait: bool = True
     poll_s: float = 2.0
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="trainyard_slurm", node=TrainyardSlurmConf)
+ConfigStore.instance().store(
+    group="hydra/launcher", name="trainyard_slurm", node=TrainyardSlurmConf
+)
 
 # launcher field -> trainyard's cluster key, for the fields a user may set either way
 _TO_CLUSTER = {

@@ -293,6 +293,7 @@ class SlurmBackend(Backend):
                 fix="scontrol ping (is the controller up?), then check the request with "
                 "trainyard submit --dry-run",
             ) from None
+
     def status(self, job_id: str) -> dict[str, str]:
         fields = "JobID,State"
         out = _run(["sacct", "-j", job_id, "-X", "-n", "-P", f"--format={fields}"], "sacct")

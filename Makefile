@@ -59,6 +59,7 @@ bench: install ## run the benchmarks (ratios measured side by side in one run)
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/ddp_step.py
 	$(BIN)/python benchmarks/slurm_submit.py
+	$(BIN)/python benchmarks/slurm_scale.py
 
 clean: ## remove outputs, caches and the virtual environment
 	rm -rf outputs .pytest_cache .ruff_cache src/*.egg-info

@@ -273,6 +273,9 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=300
+# room for a 10,000-trial sweep beside the finished jobs kept for MinJobAge (cancelled
+# array tasks count one record each); the default is 10000
+MaxJobCount=100000
 KillWait=5
 WaitTime=0
 # Submit to start in ~0.5 s instead of ~3 s.

@@ -12,6 +12,7 @@ variable (for example because another key interpolated it).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -23,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf._utils import OmegaConfDumper
 
 from trainyard.errors import ConfigError
 
@@ -51,26 +54,32 @@ def _resolve_keeping_env(node: Any) -> Any:
     return node
 
 
-def env_secret_names(cfg: DictConfig) -> set[str]:
-    """Names of environment variables that credential keys read through oc.env."""
-    names: set[str] = set()
-    for line in OmegaConf.to_yaml(cfg, resolve=False).splitlines():
-        key = line.split(":", 1)[0]
-        if _SECRET_KEY.search(key):
-            names.update(_ENV_INTERP.findall(line))
-    return names
+def env_secret_names(raw: Any, under_secret: bool = False) -> set[str]:
+    """Names of environment variables that credential keys read through oc.env, in an
+    unresolved container (``OmegaConf.to_container(cfg, resolve=False)``)."""
+    if isinstance(raw, dict):
+        names: set[str] = set()
+        for key, value in raw.items():
+            names |= env_secret_names(value, under_secret or bool(_SECRET_KEY.search(str(key))))
+        return names
+    if isinstance(raw, list):
+        return set().union(*(env_secret_names(v, under_secret) for v in raw))
+    return set(_ENV_INTERP.findall(raw)) if under_secret and isinstance(raw, str) else set()
 
 
 def freeze(cfg: DictConfig) -> DictConfig:
     """Resolve everything once; environment-sourced values stay as interpolations."""
-    try:
-        frozen = OmegaConf.create(_resolve_keeping_env(cfg))
+    names = env_secret_names(OmegaConf.to_container(cfg, resolve=False))
+    try:  # the walk that keeps credentials unresolved only where there are any
+        resolved = _resolve_keeping_env(cfg) if names else OmegaConf.to_container(cfg, resolve=True)
+        frozen = OmegaConf.create(resolved)
     except Exception as exc:  # an interpolation that cannot resolve, a missing value, ...
         raise ConfigError(
             f"the config cannot be resolved: {exc}",
             fix="check the interpolation or pass the missing value as an override",
         ) from exc
-    _refuse_leaked_secrets(frozen, env_secret_names(cfg))
+    if names:
+        _refuse_leaked_secrets(frozen, names)
     return frozen
 
 
@@ -85,10 +94,34 @@ def _refuse_leaked_secrets(frozen: DictConfig, names: set[str]) -> None:
             )
 
 
+class _FrozenDumper(getattr(yaml, "CDumper", yaml.Dumper)):
+    """OmegaConf's YAML (strings that read back as numbers or booleans are quoted), written
+    by libyaml's emitter: a sweep of 10,000 trials writes 10,000 of these."""
+
+
+_FrozenDumper.add_representer(str, OmegaConfDumper.str_representer)
+
+
 def save_frozen(frozen: DictConfig, path: Path) -> None:
+    save_frozen_data(OmegaConf.to_container(frozen, resolve=False, enum_to_str=True), path)
+
+
+def save_frozen_data(container: dict, path: Path) -> None:
     from trainyard.rundir import atomic_write_text
 
-    atomic_write_text(path, OmegaConf.to_yaml(frozen, resolve=False))
+    atomic_write_text(path, frozen_yaml(container))
+
+
+def frozen_yaml(container: Any) -> str:
+    return yaml.dump(
+        container, Dumper=_FrozenDumper, default_flow_style=False, allow_unicode=True,
+        sort_keys=False,
+    )  # fmt: skip
+
+
+def load_frozen_text(text: str) -> Any:
+    """What :func:`load_frozen` would read from ``text``, as plain data."""
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
 
 
 def load_frozen(path: str | Path) -> DictConfig:
@@ -109,6 +142,17 @@ def _git(*args: str, cwd: Path) -> str | None:
 
 def provenance(seed: int | None, overrides: list[str], source_dir: Path) -> dict[str, Any]:
     """What produced this run: code version, packages, host; enough to reproduce it."""
+    return {
+        **_code_and_machine(source_dir),
+        "seed": seed,
+        "overrides": list(overrides),
+        "created": time.time(),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _code_and_machine(source_dir: Path) -> dict[str, Any]:
+    """The same for every trial one process prepares (a sweep asks git once, not per trial)."""
     commit = _git("rev-parse", "HEAD", cwd=source_dir)
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=source_dir)
     versions = {}
@@ -124,7 +168,4 @@ def provenance(seed: int | None, overrides: list[str], source_dir: Path) -> dict
         "platform": platform.platform(),
         "packages": versions,
         "host": socket.gethostname(),
-        "seed": seed,
-        "overrides": list(overrides),
-        "created": time.time(),
     }

@@ -113,6 +113,23 @@ def trial_key(overrides: Iterable[str]) -> str:
     return f"{slug}__{digest}"
 
 
+_fsync_each = True
+
+
+@contextlib.contextmanager
+def one_sync() -> Iterator[None]:
+    """Write many files, then make them durable with one ``sync`` instead of an fsync each
+    (preparing a 10,000-trial sweep writes 30,000 files; each fsync costs a disk flush,
+    and far more on a shared filesystem). Files are still replaced atomically."""
+    global _fsync_each
+    previous, _fsync_each = _fsync_each, False
+    try:
+        yield
+    finally:
+        _fsync_each = previous
+        os.sync()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so readers see the old or the new content, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,16 +138,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; keep what the user's umask says
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if _fsync_each:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 def read_json(path: Path) -> Any:
@@ -168,6 +190,11 @@ class RunDir:
         with open(self.root / ".status.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+    def created_status(self) -> dict[str, Any]:
+        """status.json of a trial just prepared (what ``transition("created")`` writes)."""
+        entry = {"state": "created", "time": time.time(), "host": socket.gethostname()}
+        return {"state": "created", "attempt": 0, "history": [entry]}
 
     def transition(self, state: str, **details: Any) -> dict[str, Any]:
         """Record a state change; `attempt` counts how often the trial was started."""

@@ -12,17 +12,23 @@ lists several values), so a trial submitted twice, or first run locally, is the 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import functools
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from trainyard.errors import ConfigError
-from trainyard.rundir import trial_key, write_json
+from trainyard.rundir import one_sync, trial_key, write_json
 
 SUBMISSION = "submission.json"  # what was sent where: read by status, logs and cancel
 _BUILT = ("data", "model", "loss", "optimizer", "scheduler")  # what check_constructible reads
@@ -31,8 +37,35 @@ _BUILT = ("data", "model", "loss", "optimizer", "scheduler")  # what check_const
 @dataclass
 class Planned:
     overrides: list[str]
-    config: DictConfig  # composed, with paths.run_dir set
+    config: DictConfig | None  # composed, with paths.run_dir set (None: from a template)
     run_dir: Path
+    template: Any = None  # bulk.Template the trial is frozen from, with these values
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checked:
+    """A trial that passed the checks, with what grouping and writing it needs."""
+
+    planned: Planned
+    frozen: DictConfig | None  # trial by trial: the frozen config (None: from a template)
+    text: str | None  # from a template: its config.yaml, when the template could write it
+    name: str
+    cluster: dict[str, Any]
+    resources: Any
+    preempt: list[str]
+
+    @property
+    def job_key(self) -> str:
+        return json.dumps([self.cluster, self.resources.__dict__], sort_keys=True)
+
+    def data(self) -> dict:
+        """The frozen config as plain data (made on demand: most trials of a template
+        are written from its text and never need it)."""
+        if self.frozen is not None:
+            return OmegaConf.to_container(self.frozen, resolve=False)
+        p = self.planned
+        return p.template.data(p.values, str(p.run_dir))
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -49,73 +82,232 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    with Composer() as composer:
+        return composer.compose(overrides)
+
+
+class Composer:
+    """Hydra's composition, done once per distinct set of config-group choices.
+
+    Hydra composes a config from the defaults list (the group choices) and then applies the
+    value overrides to the result; a sweep over values shares the first part, so it is done
+    once and each trial applies its value overrides to a copy, with Hydra's own function
+    (``ConfigLoaderImpl._apply_overrides_to_config``). Overrides of ``hydra.*`` (a search
+    path) can change what a group is: such trials are composed in full.
+    """
+
+    def __enter__(self) -> Composer:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from trainyard import resolvers
+        from trainyard.conf_path import CONF_DIR
+
+        resolvers.register()
+        GlobalHydra.instance().clear()
+        self._context = initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+        self._context.__enter__()
+        self._parser = OverridesParser.create()
+        self._repo = GlobalHydra.instance().config_loader().repository
+        self._groups: dict[str, bool] = {}
+        self._base: dict[tuple[str, ...], DictConfig] = {}
+        self.samples: list[dict[str, Any] | None] = []
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        self._context.__exit__(*exc_info)
+        GlobalHydra.instance().clear()
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        with _hydra_errors():
+            parsed = self._parser.parse_overrides(overrides)
+            if any(o.is_hydra_override() for o in parsed):
+                return self._compose(tuple(overrides))
+            groups, values = self._split(parsed)
+            cfg = copy.deepcopy(self._base_of(groups))
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+            return cfg
+
+    def templates(self, trials: list[list[str]]) -> dict[int, Any]:
+        """Trial index -> the :class:`~trainyard.bulk.Template` that freezes it, for the
+        trials of groups a template can serve (the others are composed one by one)."""
+        from hydra.core.override_parser.types import OverrideType
+
+        from trainyard import bulk
+
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        samples: list[dict[str, Any] | None] = []
+        # overrides every trial has (`+cluster.x=1` beside `optimizer.lr=1e-3,1e-2`) are
+        # composed into the template; only the ones that vary must be plain `key=value`
+        common = set.intersection(*(set(t) for t in trials)) if trials else set()
+        with _hydra_errors():
+            for index, trial in enumerate(trials):
+                parsed = self._parser.parse_overrides([o for o in trial if o not in common])
+                group, values = self._split(parsed)
+                keys = [o.key_or_group for o in values]
+                simple = (
+                    not any(o.is_hydra_override() for o in parsed)
+                    and all(o.type == OverrideType.CHANGE and bulk.plain(o.value()) for o in values)
+                    and len(set(keys)) == len(keys)
+                    and not any(c.lstrip("+~").split("=")[0] in keys for c in common)
+                )  # fmt: skip
+                samples.append({o.key_or_group: o.value() for o in values} if simple else None)
+                if simple:
+                    groups[(group, tuple(sorted(keys)))].append(index)
+        shared = tuple(o for o in trials[0] if o in common) if trials else ()
+        out: dict[int, Any] = {}
+        for (group, _), indices in groups.items():
+            if len(indices) < 2:
+                continue
+            base = self._base_of(shared + group)
+            template = bulk.Template(base, [samples[i] for i in indices])
+            if template.usable:
+                out.update({i: template for i in indices})
+        self.samples = samples
+        return out
+
+    def _split(self, parsed) -> tuple[tuple[str, ...], list]:
+        groups = tuple(o.input_line for o in parsed if self._is_group(o))
+        return groups, [o for o in parsed if not self._is_group(o)]
+
+    def _base_of(self, groups: tuple[str, ...]) -> DictConfig:
+        if groups not in self._base:
+            self._base[groups] = self._compose(groups)
+        return self._base[groups]
+
+    def _compose(self, overrides: tuple[str, ...]) -> DictConfig:
+        from hydra import compose as hydra_compose
+
+        return hydra_compose("train", overrides=list(overrides))
+
+    def _is_group(self, override) -> bool:
+        """As Hydra splits them (``defaults_list.Overrides``): a group unless a dict."""
+        key = override.key_or_group
+        if key not in self._groups:
+            self._groups[key] = self._repo.group_exists(key)
+        return self._groups[key] and not isinstance(override.value(), dict)
+
+
+@contextlib.contextmanager
+def _hydra_errors() -> Iterator[None]:
     from hydra.errors import HydraException
 
-    from trainyard import resolvers
-    from trainyard.conf_path import CONF_DIR
-
-    resolvers.register()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("train", overrides=overrides)
+        yield
     except HydraException as exc:  # unknown option, key or group: Hydra lists the choices
-        raise ConfigError(str(exc), fix="see trainyard-train --help for groups and keys") from None
-    finally:
-        GlobalHydra.instance().clear()
+        fix = "see trainyard-train --help for groups and keys"
+        raise ConfigError(str(exc), fix=fix) from None
+
+
+BULK_MIN = 32  # sweeps at least this large are frozen through templates where they can
 
 
 def plan(overrides: list[str]) -> list[Planned]:
     """Compose every trial and give it the run directory trainyard-train would."""
     trials = expand(overrides)
-    sweep = len(trials) > 1
+    sweep_key = trial_key(overrides) if len(trials) > 1 else None
     planned = []
-    for trial in trials:
-        cfg = compose(trial)
-        root = Path(str(cfg.paths.output_dir)) / str(cfg.name)
-        if sweep:
-            run_dir = root / "sweeps" / trial_key(overrides) / trial_key(trial)
-        else:
-            run_dir = root / "runs" / trial_key(trial)
-        cfg.paths.run_dir = str(run_dir)
-        planned.append(Planned(trial, cfg, run_dir))
+    with Composer() as composer:
+        templates = composer.templates(trials) if len(trials) >= BULK_MIN else {}
+        for index, trial in enumerate(trials):
+            template = templates.get(index)
+            if template is None:
+                cfg = composer.compose(trial)
+                run_dir = _run_dir(cfg.paths.output_dir, cfg.name, sweep_key, trial)
+                cfg.paths.run_dir = str(run_dir)
+                planned.append(Planned(trial, cfg, run_dir))
+                continue
+            values = composer.samples[index]
+            where = {k: values.get(k, template.value(k)) for k in ("paths.output_dir", "name")}
+            run_dir = _run_dir(where["paths.output_dir"], where["name"], sweep_key, trial)
+            planned.append(Planned(trial, None, run_dir, template, values))
     return planned
 
 
-def _jobs(planned: list[Planned], frozen: list[DictConfig]) -> list[Any]:
-    """Trials with the same backend, resources and cluster settings go out together."""
-    from trainyard.backends import Job, Resources
+def _run_dir(output_dir: Any, name: Any, sweep_key: str | None, trial: list[str]) -> Path:
+    root = Path(str(output_dir)) / str(name)
+    if sweep_key:
+        return root / "sweeps" / sweep_key / trial_key(trial)
+    return root / "runs" / trial_key(trial)
 
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, cfg in enumerate(frozen):
-        key = json.dumps(
-            [OmegaConf.to_container(cfg.cluster), Resources.from_config(cfg).__dict__],
-            sort_keys=True,
+
+def _check(p: Planned) -> Checked:
+    """Freeze and check one trial (through its template when it has one)."""
+    from trainyard import preflight
+    from trainyard.freeze import freeze
+
+    if p.template is None:
+        frozen = preflight.check_config(freeze(p.config), build=False)
+        return _checked(p, frozen, None, frozen)
+    text = p.template.yaml(p.values, str(p.run_dir))
+    with p.template.applied(p.values) as view:
+        preflight.check_config(view, build=False)
+        shared = p.template.shared_checked
+        if shared is not None:  # nothing the cluster, resources or name read varies
+            return dataclasses.replace(shared, planned=p, text=text)
+        checked = _checked(p, None, text, view)
+        if not any(k.startswith(_JOB_KEYS) for k in p.template.keys):
+            p.template.shared_checked = checked
+        return checked
+
+
+# settings that decide which job a trial goes out with (see _checked)
+_JOB_KEYS = ("cluster", "trainer", "signals", "name")
+
+
+def _checked(p: Planned, frozen, text, cfg: DictConfig) -> Checked:
+    from trainyard.backends import Resources
+
+    if not OmegaConf.select(cfg, "cluster.backend"):
+        raise ConfigError(
+            "the cluster config names no backend",
+            fix="start your cluster/<site>.yaml with `defaults: [slurm, _self_]` "
+            "(or set backend: slurm)",
         )
-        groups[key].append(index)
+    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+    preempt = [str(s) for s in OmegaConf.select(cfg, "signals.preempt", default=[])]
+    resources = Resources.from_config(cfg)
+    return Checked(p, frozen, text, str(cfg.name), cluster, resources, preempt)
+
+
+def _jobs(checked: list[Checked]) -> list[Any]:
+    """Trials with the same backend, resources and cluster settings go out together."""
+    from trainyard.backends import Job
+
+    groups: dict[str, list[Checked]] = defaultdict(list)
+    for trial in checked:
+        groups[trial.job_key].append(trial)
     jobs = []
-    for number, indices in enumerate(groups.values()):
-        cfg = frozen[indices[0]]
-        if not OmegaConf.select(cfg, "cluster.backend"):
-            raise ConfigError(
-                "the cluster config names no backend",
-                fix="start your cluster/<site>.yaml with `defaults: [slurm, _self_]` "
-                "(or set backend: slurm)",
-            )
-        if cfg.cluster.backend == "slurm":
+    for number, members in enumerate(groups.values()):
+        first = members[0]
+        if first.cluster["backend"] == "slurm":
             from trainyard.backends.slurm import check_signal
 
-            check_signal(OmegaConf.to_container(cfg.cluster), list(cfg.signals.preempt))
-        log_dir = planned[indices[0]].run_dir.parent if len(planned) > 1 else None
-        trials = [planned[i].run_dir for i in indices]
-        cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-        resources = Resources.from_config(cfg)
+            check_signal(first.cluster, first.preempt)
+        trials = [c.planned.run_dir for c in members]
+        log_dir = trials[0].parent if len(checked) > 1 else trials[0]
         tag = f"-{number}" if number else ""
-        jobs.append(Job(str(cfg.name), trials, resources, cluster, log_dir or trials[0], tag))
+        jobs.append(Job(first.name, trials, first.resources, first.cluster, log_dir, tag))
     return jobs
+
+
+def _build_checks(checked: list[Checked]) -> None:
+    """The constructors, once per distinct set of their settings (a sweep over the learning
+    rate builds once)."""
+    from trainyard import preflight
+
+    seen = set()
+    for trial in checked:
+        cfg = trial.frozen if trial.frozen is not None else OmegaConf.create(trial.data())
+        key = json.dumps([OmegaConf.to_container(cfg[k]) for k in _BUILT if k in cfg])
+        if key not in seen:
+            seen.add(key)
+            preflight.check_constructible(cfg)
 
 
 def submit(overrides: list[str], dry_run: bool = False, build: bool = False) -> list[dict]:
@@ -126,41 +318,63 @@ def submit(overrides: list[str], dry_run: bool = False, build: bool = False) -> 
 
 
 def submit_planned(
-    planned: list[Planned], dry_run: bool = False, build: bool = True
+    planned: list[Planned],
+    dry_run: bool = False,
+    build: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Check every trial, then prepare and send them (what a Hydra launcher calls too)."""
-    from trainyard import backends, preflight
-    from trainyard.freeze import freeze
+    """Check every trial, then prepare and send them (what a Hydra launcher calls too).
+    ``timings``: seconds spent per phase are added to it (benchmarks/slurm_scale.py)."""
+    from trainyard import backends
 
-    frozen = [preflight.check_config(freeze(p.config), build=False) for p in planned]
-    if build:  # once per distinct set of constructor settings: a sweep over lr builds once
-        seen = set()
-        for cfg in frozen:
-            key = json.dumps([OmegaConf.to_container(cfg[k]) for k in _BUILT if k in cfg])
-            if key not in seen:
-                seen.add(key)
-                preflight.check_constructible(cfg)
-    jobs = _jobs(planned, frozen)
-    for job in jobs:  # the cluster's own verdict, before any run directory is written
-        backend = backends.get(job.cluster.get("backend", "local"))
-        for request in backend.render(job):
-            backend.check(request)
+    phase = functools.partial(_phase, {} if timings is None else timings)
+    with phase("freeze and check"):
+        checked = [_check(p) for p in planned]  # all of them, before anything is written
+        if build:
+            _build_checks(checked)
+        jobs = _jobs(checked)
+    with phase("ask the cluster"):
+        for job in jobs:  # the cluster's own verdict, before any run directory is written
+            backend = backends.get(job.cluster.get("backend", "local"))
+            for request in backend.render(job):
+                backend.check(request)
+    by_dir = {c.planned.run_dir: c for c in checked}
     records = []
     for job in jobs:
         backend = backends.get(job.cluster.get("backend", "local"))
         if not dry_run:
-            by_dir = {p.run_dir: (p, f) for p, f in zip(planned, frozen, strict=True)}
-            queued = _queued(job.log_dir)
-            job.trials = [t for t in job.trials if t not in queued and _needs_training(*by_dir[t])]
+            with phase("write run directories"):
+                job.trials = _write(job, by_dir)
             if not job.trials:
                 continue
         for request in backend.render(job):
             print(request)
             if dry_run:
                 continue
-            job_id = backend.submit(request)
+            with phase("submit"):
+                job_id = backend.submit(request)
             records.append(_record(job, backend.name, job_id))
     return records
+
+
+@contextlib.contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _write(job: Any, by_dir: dict[Path, Checked]) -> list[Path]:
+    """Freeze the job's trials into their run directories; the ones still to train.
+    Every trial's files are on disk before anything is queued; writing thousands of small
+    files waits on the filesystem, so several are written at once."""
+    queued = _queued(job.log_dir)
+    with one_sync(), ThreadPoolExecutor(8) as pool:
+        todo = [t for t in job.trials if t not in queued]
+        needed = list(pool.map(lambda t: _needs_training(by_dir[t]), todo))
+    return [t for t, need in zip(todo, needed, strict=True) if need]
 
 
 _ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -184,12 +398,18 @@ def _queued(log_dir: Path) -> set[Path]:
     return busy
 
 
-def _needs_training(planned: Planned, frozen: DictConfig) -> bool:
+def _needs_training(trial: Checked) -> bool:
     """Freeze the trial into its run directory; False when it already completed."""
-    from trainyard.trial import open_trial
+    from trainyard.trial import open_trial, open_trial_data
 
-    if open_trial(frozen, planned.run_dir, planned.overrides).completed:
-        print(f"trainyard: {planned.run_dir} already completed; not submitted again")
+    p = trial.planned
+    if trial.frozen is not None:
+        completed = open_trial(trial.frozen, p.run_dir, p.overrides).completed
+    else:
+        seed = p.values.get("seed", p.template.value("seed"))
+        completed = open_trial_data(trial.data, p.run_dir, p.overrides, trial.text, seed)
+    if completed:
+        print(f"trainyard: {p.run_dir} already completed; not submitted again")
         return False
     return True
 

@@ -54,7 +54,10 @@ class SlurmRequest:
 
     def __str__(self) -> str:
         """The dry run: which trial each array task runs, then the script sbatch gets."""
-        tasks = "".join(f"#   task {i}: {t}\n" for i, t in enumerate(self.trials))
+        shown = list(enumerate(self.trials))
+        if len(shown) > 20:  # a 10,000-trial array: the first and the last few
+            shown = [*shown[:10], (None, f"... {len(shown) - 20} more ..."), *shown[-10:]]
+        tasks = "".join(f"#   task {i}: {t}\n" if i is not None else f"#   {t}\n" for i, t in shown)
         return f"# sbatch <this script>, one array task per trial:\n{tasks}{self.script}"
 
 

@@ -304,7 +304,9 @@ def _build_checks(checked: list[Checked]) -> None:
     seen = set()
     for trial in checked:
         cfg = trial.frozen if trial.frozen is not None else OmegaConf.create(trial.data())
-        key = json.dumps([OmegaConf.to_container(cfg[k]) for k in _BUILT if k in cfg])
+        sections = [cfg[k] for k in _BUILT if k in cfg]  # scheduler: null is a section too
+        key = json.dumps([OmegaConf.to_container(s) if OmegaConf.is_config(s) else s
+                          for s in sections])  # fmt: skip
         if key not in seen:
             seen.add(key)
             preflight.check_constructible(cfg)

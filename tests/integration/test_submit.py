@@ -84,3 +84,14 @@ def test_cancel_preempts_the_trial_and_a_resubmission_resumes_it(tmp_path):
     assert json.loads((run / "status.json").read_text())["attempt"] == 2
     _cli(tmp_path, "cancel", str(run))
     _wait_state(tmp_path, ("preempted",), 60)
+
+
+def test_build_check_builds_the_constructors_before_anything_is_prepared(tmp_path):
+    # a value only the loss itself refuses, on a dummy batch
+    args = ["submit", "--build-check", "cluster=slurm", "loss.label_smoothing=1.5"]
+    out = _cli(tmp_path, *args, "optimizer.lr=0.1,0.2")
+    assert out.returncode == EXIT_CONFIG, out.stderr
+    assert "loss" in out.stderr and "fix:" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs").exists()
+    ok = _cli(tmp_path, "submit", "--build-check", "--dry-run", "cluster=slurm", "scheduler=none")
+    assert ok.returncode == 0, ok.stderr

@@ -115,6 +115,11 @@ def _scalar(value: Any) -> str | None:
     return None if "\n" in scalar or not text.startswith("k: ") else scalar
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type (1, 1.0 and True are three different values here)."""
+    return type(a) is type(b) and a == b
+
+
 def plain(value: Any) -> bool:
     """A value a template can put in as it is: a scalar that is not an interpolation."""
     if isinstance(value, str):
@@ -155,7 +160,7 @@ class Template:
             return False  # something derives from the run directory other than by text
         self._places: dict[str, list[tuple]] = {}
         for key in self.keys:
-            other = next((s[key] for s in samples if s[key] != first[key]), None)
+            other = next((s[key] for s in samples if not _same(s[key], first[key])), None)
             if other is None:
                 self._places[key] = [tuple(key.split("."))]
                 continue  # the same in every trial: nothing to prove
@@ -229,20 +234,29 @@ class Template:
 
         self._make_text()
         text = self._fill(values, run_dir)
-        return text is not None and load_frozen_text(text) == self.data(values, run_dir)
+        if text is None:
+            return False
+        return _differences(load_frozen_text(text), self.data(values, run_dir)) == []
+
+    def places_under(self, prefixes: tuple[str, ...]) -> bool:
+        """Whether a varying value lands anywhere under these top-level keys."""
+        return any(path[0] in prefixes for places in self._places.values() for path in places)
 
     @contextlib.contextmanager
     def applied(self, values: dict[str, Any]) -> Iterator[DictConfig]:
-        """The template's checkable config with these values set (restored afterwards):
-        what the checks see of one trial, without building a config per trial."""
-        view, saved = self.check_view, {k: OmegaConf.select(self.check_view, k) for k in values}
-        for key, value in values.items():
-            OmegaConf.update(view, key, value, merge=False)
+        """The template's checkable config with these values set at every place they land
+        (aliases included), restored afterwards: what the checks see of one trial, without
+        building a config per trial."""
+        view = self.check_view
+        paths = [(path, value) for key, value in values.items() for path in self._places[key]]
+        saved = [(path, _at(view, path)) for path, _ in paths]
+        for path, value in paths:
+            _set_at(view, path, value)
         try:
             yield view
         finally:
-            for key, value in saved.items():
-                OmegaConf.update(view, key, value, merge=False)
+            for path, value in saved:
+                _set_at(view, path, value)
 
 
 __all__ = ["Template", "plain"]

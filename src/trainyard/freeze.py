@@ -71,7 +71,11 @@ def freeze(cfg: DictConfig) -> DictConfig:
     """Resolve everything once; environment-sourced values stay as interpolations."""
     names = env_secret_names(OmegaConf.to_container(cfg, resolve=False))
     try:  # the walk that keeps credentials unresolved only where there are any
-        resolved = _resolve_keeping_env(cfg) if names else OmegaConf.to_container(cfg, resolve=True)
+        resolved = (
+            _resolve_keeping_env(cfg)
+            if names
+            else OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        )
         frozen = OmegaConf.create(resolved)
     except Exception as exc:  # an interpolation that cannot resolve, a missing value, ...
         raise ConfigError(

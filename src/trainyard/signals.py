@@ -38,6 +38,7 @@ class StopRequest:
 
 
 _request: StopRequest | None = None
+_received: set[str] = set()  # every stop signal this process got, not only the first
 
 
 def parse(names: Iterable[str]) -> list[signal.Signals]:
@@ -64,6 +65,7 @@ def install(preempt: Iterable[str] = DEFAULT_PREEMPT) -> None:
 
 def _on_preempt(signum: int, frame) -> None:
     global _request
+    _received.add(signal.Signals(signum).name)
     if _request is None:
         _request = StopRequest("preempted", signal.Signals(signum).name)
 
@@ -87,6 +89,25 @@ def request(reason: str, signame: str) -> None:
         _request = StopRequest(reason, signame)
 
 
+def override(reason: str, signame: str) -> None:
+    """Replace the request with the one all ranks agreed on."""
+    global _request
+    _request = StopRequest(reason, signame)
+
+
+def received() -> set[str]:
+    """The names of every stop signal this process received."""
+    return set(_received)
+
+
+def number(name: str) -> int:
+    """A signal's number from its name (0 when the name is no signal's)."""
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return 0
+
+
 def raise_if_requested(where: str, step: int | None = None) -> None:
     """Raise the pending stop; ``step``: the optimizer step ``last.ckpt`` holds, which a
     backend compares between attempts to tell a stuck trial from a progressing one."""
@@ -100,3 +121,4 @@ def reset() -> None:
     """Forget a request (tests, and long-lived workers between trials)."""
     global _request
     _request = None
+    _received.clear()

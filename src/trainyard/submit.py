@@ -251,7 +251,7 @@ def _check(p: Planned) -> Checked:
         if shared is not None:  # nothing the cluster, resources or name read varies
             return dataclasses.replace(shared, planned=p, text=text)
         checked = _checked(p, None, text, view)
-        if not any(k.startswith(_JOB_KEYS) for k in p.template.keys):
+        if not p.template.places_under(_JOB_KEYS):
             p.template.shared_checked = checked
         return checked
 
@@ -355,7 +355,9 @@ def submit_planned(
                 continue
             with phase("submit"):
                 job_id = backend.submit(request)
-            records.append(_record(job, backend.name, job_id))
+            # a sweep split into several arrays: each record lists its own array's trials
+            trials = getattr(request, "trials", job.trials)
+            records.append(_record(job, backend.name, job_id, trials))
     return records
 
 
@@ -416,16 +418,16 @@ def _needs_training(trial: Checked) -> bool:
     return True
 
 
-def _record(job: Any, backend: str, job_id: str) -> dict[str, Any]:
+def _record(job: Any, backend: str, job_id: str, trials: list[Path]) -> dict[str, Any]:
     record = {
         "backend": backend,
         "job_id": job_id,
-        "trials": [str(t) for t in job.trials],
+        "trials": [str(t) for t in trials],
         "log_dir": str(job.log_dir),
         "time": time.time(),
     }
     path = Path(job.log_dir) / SUBMISSION
     history = json.loads(path.read_text()) if path.exists() else []
     write_json(path, [*history, record])
-    print(f"trainyard: submitted {len(job.trials)} trial(s) to {backend} as job {job_id}")
+    print(f"trainyard: submitted {len(trials)} trial(s) to {backend} as job {job_id}")
     return record

@@ -396,3 +396,63 @@ def test_with_the_controller_down_submit_fails_fast_and_status_still_answers(tmp
         assert "not answering" in status.stderr and time.monotonic() - started < 10
     finally:
         subprocess.run(["bash", str(script), "start"], check=True, capture_output=True)
+
+
+def _running_with_checkpoint(rows) -> bool:
+    return rows[0]["state"].startswith("running") and (
+        Path(rows[0]["run"]) / "checkpoints/last.ckpt"
+    ).exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_cancelled_right_after_the_time_limit_warning_stays_cancelled(tmp_path):
+    out = _submit(tmp_path, "trainer.max_epochs=150", "callbacks.early_stopping=null")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split()[-1]
+    _wait(tmp_path, _running_with_checkpoint)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    subprocess.run(["scancel", job_id], check=True)
+    [row] = _wait(tmp_path, lambda rows: rows[0]["state"] == "preempted"
+                  or "cancelled" in rows[0]["state"])  # fmt: skip
+    time.sleep(8)  # a requeue would show by now
+    sacct = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"],
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert sacct and all(state.startswith("CANCELLED") for state in sacct), sacct
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_a_warning_that_reaches_only_another_rank_still_requeues_the_trial(tmp_path):
+    """Slurm signals the ranks of different nodes at slightly different moments: the rank
+    that got the warning decides for all of them, rank 0 included."""
+    out = _submit(tmp_path, *DDP2, "trainer.max_epochs=150", "callbacks.early_stopping=null")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split()[-1]
+    try:
+        [row] = _wait(tmp_path, _running_with_checkpoint)
+        rank1 = json.loads((Path(row["run"]) / "ranks/rank1.json").read_text())
+        os.kill(rank1["pid"], 12)  # SIGUSR2, to rank 1 only (both "nodes" are this machine)
+        [row] = _wait(tmp_path, lambda rows: rows[0]["attempt"] == 2, 180)
+        history = json.loads((Path(row["run"]) / "status.json").read_text())["history"]
+        assert [h for h in history if h["state"] == "preempted"][0]["reason"].startswith("SIGUSR2")
+    finally:
+        subprocess.run(["scancel", job_id], check=True)
+
+
+@pytest.mark.slurm
+@needs_cluster
+def test_each_array_of_a_split_sweep_records_its_own_trials(tmp_path):
+    held = "+cluster.additional_parameters.hold=''"
+    out = _submit(tmp_path, "cluster.max_array_size=2", "seed=1,2,3", held)
+    assert out.returncode == 0, out.stderr
+    [submission] = list((tmp_path / "outputs").rglob("submission.json"))
+    records = json.loads(submission.read_text())
+    try:
+        assert [len(r["trials"]) for r in records] == [2, 1]
+        assert len({t for r in records for t in r["trials"]}) == 3
+    finally:
+        for record in records:
+            subprocess.run(["scancel", record["job_id"]], check=True)

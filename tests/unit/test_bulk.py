@@ -53,6 +53,7 @@ def _written(planned: list[submit.Planned]) -> dict[str, tuple]:
         ["+tag='${optimizer.lr}-run'", "optimizer.lr=0.001,0.01"],  # derived: no template
         ["model=mlp,cnn", "optimizer.lr=0.5,0.25"],  # two groups, a template each
         ["+notes.x='yes'", "optimizer.lr=1,2"],  # values YAML must quote or type right
+        ["scheduler=onecycle", "optimizer.lr=1,1.0"],  # equal values of different types
     ],
 )
 def test_templates_write_exactly_what_trial_by_trial_writes(sweep, tmp_path, monkeypatch):
@@ -107,7 +108,7 @@ def test_an_unknown_key_in_a_large_sweep_is_refused_with_the_fix(monkeypatch):
     from trainyard.errors import ConfigError
 
     monkeypatch.setattr(submit, "BULK_MIN", 2)
-    with pytest.raises(ConfigError, match="optimizer.lrr") as info:
+    with pytest.raises(ConfigError, match=r"optimizer\.lrr") as info:
         submit.plan(["optimizer.lrr=1,2"])
     assert "trainyard-train --help" in info.value.render()
 
@@ -119,3 +120,21 @@ def test_a_trial_directory_appears_complete_or_not_at_all(tmp_path, monkeypatch)
     assert sorted(Path(p.run_dir) for p in planned) == sorted(
         p for p in sweep_dir.iterdir() if p.is_dir()
     )
+
+
+def test_a_varying_value_that_decides_the_job_splits_the_sweep_into_jobs(monkeypatch):
+    """cluster.time_min copies data.batch_size here: every trial needs its own --time."""
+    monkeypatch.setattr(submit, "BULK_MIN", 2)
+    sweep = ["cluster=slurm", "cluster.time_min=${data.batch_size}", "data.batch_size=100,101,102"]
+    planned = submit.plan(sweep)
+    assert planned[0].template is not None
+    jobs = submit._jobs([submit._check(p) for p in planned])
+    assert sorted(job.cluster["time_min"] for job in jobs) == [100, 101, 102]
+
+
+def test_a_missing_mandatory_value_is_refused_when_frozen(tmp_path):
+    from trainyard.errors import ConfigError
+    from trainyard.freeze import freeze
+
+    with pytest.raises(ConfigError, match="Missing mandatory value"):
+        freeze(OmegaConf.create({"a": "???", "b": 1}))

@@ -80,7 +80,7 @@ class TrainyardSlurmLauncher(SlurmLauncher):
     def __init__(self, wait: bool = True, poll_s: float = 2.0, **params: Any) -> None:
         super().__init__(**params)
         self.wait, self.poll_s = wait, poll_s
-        self._composed: dict[int, Any] = {}
+        self._composed_dir: Any = None  # where _launch_composed pickles each trial's config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
         from omegaconf import OmegaConf
@@ -94,16 +94,25 @@ class TrainyardSlurmLauncher(SlurmLauncher):
         )
 
     def _launch_composed(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        """hydra-submitit-launcher's launch, with every trial composed here, once."""
+        """hydra-submitit-launcher's launch, with every trial composed here, once, and
+        pickled into the sweep directory (each job loads its own; submitit pickles this
+        launcher once per job, so the configs must not travel inside it)."""
+        import pickle
+        from pathlib import Path
+
         loader = self.hydra_context.config_loader
-        self._composed = {
-            initial_job_idx + index: loader.load_sweep_config(self.config, list(overrides))
-            for index, overrides in enumerate(job_overrides)
-        }
+        self._composed_dir = Path(str(self.config.hydra.sweep.dir)) / ".submitit" / "composed"
+        self._composed_dir.mkdir(parents=True, exist_ok=True)
+        for index, overrides in enumerate(job_overrides):
+            config = loader.load_sweep_config(self.config, list(overrides))
+            path = self._composed_dir / f"{initial_job_idx + index}.pkl"
+            path.write_bytes(pickle.dumps(config))
         return super().launch(job_overrides, initial_job_idx)
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
         """On the node: run the task function on the config composed at submission."""
+        import pickle
+
         import submitit
         from hydra.core.singleton import Singleton
         from hydra.core.utils import run_job, setup_globals
@@ -111,7 +120,7 @@ class TrainyardSlurmLauncher(SlurmLauncher):
 
         Singleton.set_state(singleton_state)
         setup_globals()
-        sweep_config = self._composed[job_num]
+        sweep_config = pickle.loads((self._composed_dir / f"{job_num}.pkl").read_bytes())
         with open_dict(sweep_config.hydra.job) as job:
             job.id = submitit.JobEnvironment().job_id
             job.num = job_num
@@ -152,6 +161,13 @@ def apply_launcher(sweep_config: Any) -> None:
                 "hydra.launcher.gpus_per_node is derived: one GPU per device",
                 fix="trainer.accelerator=gpu trainer.devices=<GPUs per node>",
             )
+        for field in ("srun_args", "stderr_to_stdout"):  # trainyard renders srun itself
+            if params.get(field):
+                raise ConfigError(
+                    f"hydra.launcher.{field} is not supported for trainyard's own trials",
+                    fix="cluster.container.* for containers, cluster.additional_parameters "
+                    "for other sbatch options",
+                )
         passed = {k: params[k] for k in _PASSED if params.get(k) is not None}
         extra = {**(cluster.get("additional_parameters") or {}), **passed}
         extra.update(params.get("additional_parameters") or {})

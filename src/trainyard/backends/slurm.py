@@ -76,6 +76,12 @@ def _token(key: str, value) -> str:
     return text
 
 
+def _setting(cluster: dict, key: str, default):
+    """``cluster[key]``, or ``default`` when it is unset (0 is a setting, not unset)."""
+    value = cluster.get(key)
+    return default if value is None else value
+
+
 def check_signal(cluster: dict, preempt: list[str]) -> None:
     """The time-limit warning must be a signal trainyard stops on, and leave time to
     train before it arrives."""
@@ -86,8 +92,14 @@ def check_signal(cluster: dict, preempt: list[str]) -> None:
             "the time limit (submitit's): the job would be killed without a checkpoint",
             fix=f"signals.preempt=[SIGTERM,SIG{WARNING_SIGNAL}]",
         )
-    lead = int(cluster.get("signal_delay_s") or 90)
-    if int(cluster.get("time_min") or 60) * 60 <= lead:
+    lead = int(_setting(cluster, "signal_delay_s", 90))
+    if int(_setting(cluster, "array_parallelism", 1)) < 1:
+        raise ConfigError(
+            "cluster.array_parallelism must be at least 1 (null: no cap)",
+            fix="cluster.array_parallelism=8",
+        )
+    time_min = int(_setting(cluster, "time_min", 60))
+    if time_min and time_min * 60 <= lead:  # 0: no time limit, no warning
         raise ConfigError(
             f"cluster.signal_delay_s={lead}: the warning would come at the start of a job "
             f"with cluster.time_min={cluster.get('time_min')}",
@@ -112,12 +124,12 @@ def executor_params(job: Job, count: int) -> dict[str, Any]:
         "nodes": r.nodes,
         "ntasks_per_node": r.tasks_per_node,
         "cpus_per_task": r.cpus_per_task,
-        "time": int(c.get("time_min") or 60),
-        "signal_delay_s": int(c.get("signal_delay_s") or 90),
+        "time": int(_setting(c, "time_min", 60)),
+        "signal_delay_s": int(_setting(c, "signal_delay_s", 90)),
         "setup": [*(str(line) for line in c.get("setup") or []), *PORT_SETUP],
         "srun_args": ["--kill-on-bad-exit=1", *_container_srun_args(c)],
         "wckey": None,  # submitit would tag every job "submitit"
-        "array_parallelism": int(c.get("array_parallelism") or count),
+        "array_parallelism": int(_setting(c, "array_parallelism", count)),
     }
     if r.gpus_per_node:
         params["gpus_per_node"] = r.gpus_per_node
@@ -239,9 +251,9 @@ class SlurmBackend(Backend):
                 fix="paths.output_dir=<a directory without %>",
             )
         python = python_command(job.cluster)
-        timeouts = int(job.cluster.get("max_requeues_without_progress") or 3)
+        timeouts = int(_setting(job.cluster, "max_requeues_without_progress", 3))
         requests = []
-        for trials in split(job.trials, job.cluster.get("max_array_size") or 1001):
+        for trials in split(job.trials, _setting(job.cluster, "max_array_size", 1001)):
             folder = log_dir / ".submitit" / "%j"
             params = executor_params(job, len(trials))
             script = render_script(params, folder, python, len(trials))
@@ -310,7 +322,12 @@ class SlurmBackend(Backend):
             return states
         # tasks still queued or running, one line each (sacct folds pending array ranges
         # into one row like 12_[3-5%2], and may lag the controller by a moment)
-        out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"], "squeue")
+        try:
+            out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T"], "squeue")
+        except SlurmError as exc:  # a job the controller has forgotten (older than MinJobAge)
+            if "Invalid job id" not in exc.message:
+                raise
+            return states
         for line in out.splitlines():
             task, _, state = line.partition("|")
             if task:

@@ -36,7 +36,7 @@ class SlurmTrial:
 
     def __call__(self, run_dir: str) -> dict[str, Any] | None:
         from trainyard import worker
-        from trainyard.errors import EXIT_PREEMPTED
+        from trainyard.errors import EXIT_FAILED, EXIT_PREEMPTED
         from trainyard.rundir import RunDir, read_json
 
         run = RunDir(Path(run_dir))
@@ -45,8 +45,8 @@ class SlurmTrial:
         if code == 0:
             worker.leave_process_group()
             return read_json(run.result_file) if rank == 0 else None
-        if code == EXIT_PREEMPTED and rank == 0:
-            self._requeue_after_warning(run)
+        if code == EXIT_PREEMPTED and rank == 0 and self._requeue_after_warning(run) is False:
+            code = EXIT_FAILED  # stuck: recorded as failed, not requeued
         # the other ranks did their part of last.ckpt (saving is collective); leaving with
         # 0 keeps srun's --kill-on-bad-exit from killing rank 0 before it records the stop
         worker.exit_now(0 if code == EXIT_PREEMPTED and rank != 0 else code)
@@ -59,25 +59,39 @@ class SlurmTrial:
         return submitit.helpers.DelayedSubmission(self, run_dir)
 
     @staticmethod
-    def _requeue_after_warning(run) -> None:
+    def _requeue_after_warning(run) -> bool | None:
+        """Requeue after the time-limit warning (True); None when Slurm decides (SIGTERM:
+        preemption, requeue or cancel); False when the trial is stuck (marked failed)."""
         import submitit
 
         from trainyard import signals
 
-        request = signals.requested()
+        request = signals.requested()  # the signal all ranks agreed on
         warning = "SIG" + submitit.JobEnvironment.USR_SIG
-        if request is None or request.signal != warning:
-            return  # SIGTERM: Slurm preempts, requeues or cancels; it decides, not us
+        if request is None or request.signal != warning or "SIGTERM" in signals.received():
+            return None
+        job = submitit.JobEnvironment().job_id  # 12_3 for an array task
+        if _job_state(job) not in ("RUNNING", None):  # cancelled meanwhile: it stays so
+            return None
         stuck = stuck_attempts(run.status().get("history", []))
-        limit = int(_cluster_setting(run, "max_requeues_without_progress", 3))
-        if stuck > limit:
+        limit = _cluster_setting(run, "max_requeues_without_progress", 3)
+        if stuck > int(limit):
             message = f"preempted {stuck} times in a row without training a step; not requeued"
             run.transition("failed", error=message, exit_code=3)
-            return
-        job = submitit.JobEnvironment().job_id  # 12_3 for an array task
+            return False
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if done.returncode:
             log.error("trainyard: scontrol requeue %s failed: %s", job, done.stderr.strip())
+        return True
+
+
+def _job_state(job: str) -> str | None:
+    """The controller's JobState of ``job`` (None when it cannot say)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    for token in out.stdout.split():
+        if token.startswith("JobState="):
+            return token.split("=", 1)[1]
+    return None
 
 
 def stuck_attempts(history: list[dict[str, Any]]) -> int:

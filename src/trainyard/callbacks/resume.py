@@ -22,6 +22,7 @@ handling, which broadcasts a tensor on every step and from inside the signal han
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,17 @@ def agreed_stop(trainer) -> bool:
     request = signals.requested()
     if not _distributed(trainer):
         return request is not None
-    code = _REASONS.index(request.reason) if request else 0
+    # reason and signal in one number: every rank stops for the same reason and signal (the
+    # highest), so rank 0 knows whether Slurm's SIGTERM or the time-limit warning stopped
+    # the job even when the signal reached another rank first
+    code = _REASONS.index(request.reason) * 100 + signals.number(request.signal) if request else 0
     flag = torch.tensor([code], device=trainer.strategy.root_device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     agreed = int(flag.item())
-    if agreed and request is None:
-        signals.request(_REASONS[agreed], "a signal to another rank")
+    if agreed and agreed != code:
+        signum = agreed % 100
+        name = signal.Signals(signum).name if signum else "a signal to another rank"
+        signals.override(_REASONS[agreed // 100], name)
     return agreed > 0
 
 

@@ -23,6 +23,18 @@ SITE = [
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, needs_cluster]
 
 
+@pytest.fixture(autouse=True)
+def _hydra_version_base_unset():
+    """The suites assume a fresh process's Hydra (no version_base chosen: the job changes
+    into its output directory); other tests in this process composed with 1.3."""
+    from hydra.version import _UNSPECIFIED_, VersionBase
+
+    instance = VersionBase.instance()
+    saved, instance.version_base = instance.version_base, _UNSPECIFIED_  # as in a new process
+    yield
+    instance.version_base = saved
+
+
 @pytest.mark.parametrize(("launcher_name", "overrides"), [("trainyard_slurm", SITE)])
 class TestTrainyardSlurmLauncher(LauncherTestSuite):
     def test_sweep_with_custom_resolver(self, launcher_name, overrides) -> None:

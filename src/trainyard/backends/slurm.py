@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,32 @@ def _run(argv: list[str], what: str) -> str:
     return out.stdout
 
 
+def _controller_states(job_id: str) -> dict[str, str]:
+    """Task id -> JobState from ``scontrol show job`` (empty once the job is forgotten)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        fields = dict(t.split("=", 1) for t in line.split() if "=" in t)
+        array, task, state = (
+            fields.get("ArrayJobId"),
+            fields.get("ArrayTaskId"),
+            fields.get("JobState"),
+        )
+        if not state:
+            continue
+        name = fields.get("JobId", "")
+        if array and task:
+            name = f"{array}_{task}" if task.isdigit() else f"{array}_[{task}]"
+        for one in _array_tasks(name):
+            states[one] = state
+    return states
+
+
 def controller_up() -> bool:
     """``scontrol ping`` answers at once, even when the controller is down."""
     try:
@@ -332,6 +359,10 @@ class SlurmBackend(Backend):
             task, _, state = line.partition("|")
             if task:
                 states[task] = state
+        # the controller's own word, while it remembers the job: a job cancelled while it
+        # waited to run again after a requeue has no accounting row of its own (sacct still
+        # says REQUEUED), and a task cancelled while pending may not be in sacct yet
+        states.update(_controller_states(job_id))
         return states
 
     def logs(self, job_id: str, log_dir: Path | None = None) -> str:
@@ -346,6 +377,22 @@ class SlurmBackend(Backend):
             paths = {Path(t.split("=", 1)[1]) for t in out.split() if t.startswith("StdOut=")}
         return "".join(f"==> {p} <==\n{p.read_text()}" for p in sorted(paths) if p.exists())
 
-    def cancel(self, job_id: str) -> None:
-        """``job_id`` may name one array task (``12_3``): only that trial is cancelled."""
+    def cancel(self, job_id: str, settle_s: float = 20.0) -> None:
+        """``job_id`` may name one array task (``12_3``): only that trial is cancelled.
+
+        A job stopping for the time-limit warning at this very moment may requeue itself
+        just before the cancel reaches it (Slurm then drops the cancel of a job it is
+        requeueing): what comes back pending is cancelled again, until nothing is left."""
         _run(["scancel", job_id], "scancel")
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            try:
+                out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T"], "squeue")
+            except SlurmError:  # forgotten by the controller: long gone
+                return
+            states = out.split()
+            if not states:
+                return
+            if any(s.startswith(("PENDING", "REQUEUE")) for s in states):
+                _run(["scancel", job_id], "scancel")
+            time.sleep(0.5)

@@ -324,7 +324,9 @@ def test_cancelling_one_trial_of_a_sweep_leaves_the_others(tmp_path):
         capture_output=True, text=True, env=_env(tmp_path),
     )  # fmt: skip
     assert cancel.returncode == 0 and "_1" in cancel.stdout, cancel.stdout + cancel.stderr
-    rows = _wait(tmp_path, lambda rows: any(r["state"] == "completed" for r in rows))
+    # accounting may trail the controller by a moment: wait for both to show
+    rows = _wait(tmp_path, lambda rows: {r["state"] for r in rows} >= {"completed"}
+                 and any("cancelled" in r["state"] for r in rows))  # fmt: skip
     states = {("lr-0.02" in r["run"]): r["state"] for r in rows}
     assert states[False] == "completed" and "cancelled" in states[True]
 

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from trainyard import submit
+from trainyard.compose import Composer
 from trainyard.conf_path import CONF_DIR
 
 
@@ -93,7 +94,7 @@ def test_composing_once_per_group_equals_hydra_composing_each_trial():
         ["optimizer=sgd", "optimizer.lr=1e-2", "cluster=slurm_loopback", "cluster.partition=low"],
         ["data=synthetic", "model=mlp", "model.dropout=0.3", "trainer.devices=2"],
     ]
-    with submit.Composer() as composer:
+    with Composer() as composer:
         fast = [composer.compose(case) for case in cases]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -33,11 +33,6 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [list(trial) for trial in trials]
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    with Composer() as composer:
-        return composer.compose(overrides)
-
-
 class Composer:
     """Hydra's composition, done once per distinct set of config-group choices.
 

@@ -120,6 +120,23 @@ def _ranks(run: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(run).glob("ranks/rank?.json"))]
 
 
+def _running_with_checkpoint(rows) -> bool:
+    return (
+        rows[0]["state"].startswith("running")
+        and (Path(rows[0]["run"]) / "checkpoints/last.ckpt").exists()
+    )
+
+
+LONG = ["trainer.max_epochs=150", "callbacks.early_stopping=null"]  # still training when stopped
+
+
+def _submit_long(root: Path, *extra: str) -> str:
+    """Submit one trial that trains long enough to be stopped; its job id."""
+    out = _submit(root, *LONG, *extra)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split()[-1]
+
+
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2", "trainer.devices=1"]
 
 
@@ -342,11 +359,8 @@ def test_array_ranges_from_sacct_are_read_task_by_task():
 @pytest.mark.slow
 @needs_cluster
 def test_a_node_that_dies_mid_job_requeues_the_trial_which_resumes_on_another(tmp_path):
-    out = _submit(tmp_path, "trainer.max_epochs=150", "callbacks.early_stopping=null")
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.strip().split()[-1]
-    [row] = _wait(tmp_path, lambda rows: rows[0]["state"].startswith("running")
-                  and (Path(rows[0]["run"]) / "checkpoints/last.ckpt").exists())  # fmt: skip
+    job_id = _submit_long(tmp_path)
+    [row] = _wait(tmp_path, _running_with_checkpoint)
     dead = _ranks(row["run"])[0]["host"]
     try:  # the node goes down: Slurm kills what ran there and requeues the job (NODE_FAIL);
         # drained first, so that it does not come straight back (ReturnToService=2)
@@ -400,20 +414,11 @@ def test_with_the_controller_down_submit_fails_fast_and_status_still_answers(tmp
         subprocess.run(["bash", str(script), "start"], check=True, capture_output=True)
 
 
-def _running_with_checkpoint(rows) -> bool:
-    return (
-        rows[0]["state"].startswith("running")
-        and (Path(rows[0]["run"]) / "checkpoints/last.ckpt").exists()
-    )
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_cluster
 def test_cancelled_right_after_the_time_limit_warning_stays_cancelled(tmp_path):
-    out = _submit(tmp_path, "trainer.max_epochs=150", "callbacks.early_stopping=null")
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.strip().split()[-1]
+    job_id = _submit_long(tmp_path)
     [row] = _wait(tmp_path, _running_with_checkpoint)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     cancel = subprocess.run(
@@ -436,9 +441,7 @@ def test_cancelled_right_after_the_time_limit_warning_stays_cancelled(tmp_path):
 def test_a_warning_that_reaches_only_another_rank_still_requeues_the_trial(tmp_path):
     """Slurm signals the ranks of different nodes at slightly different moments: the rank
     that got the warning decides for all of them, rank 0 included."""
-    out = _submit(tmp_path, *DDP2, "trainer.max_epochs=150", "callbacks.early_stopping=null")
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.strip().split()[-1]
+    job_id = _submit_long(tmp_path, *DDP2)
     try:
         [row] = _wait(tmp_path, _running_with_checkpoint)
         rank1 = json.loads((Path(row["run"]) / "ranks/rank1.json").read_text())

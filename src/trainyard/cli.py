@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,8 +50,20 @@ def _scheduler_states(path: Path) -> dict[str, str]:
     return states
 
 
+# scheduler states after which there is nothing left to cancel
+_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "ENDED",
+          "BOOT_FAIL", "DEADLINE"}  # fmt: skip
+
 # trial states the run directory knows best; otherwise the scheduler's state says more
 _FINAL = ("completed", "failed", "preempted", "interrupted")
+
+
+def _summary(error: str) -> str:
+    """One line of an error: its first, and its last when the first only introduces it."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} ... {lines[-1]}"
+    return lines[0] if lines else ""
 
 
 def _row(run: Path, scheduler: dict[str, str]) -> dict:
@@ -89,7 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         value = "" if row["value"] is None else f"  {row['monitor']}={row['value']:.4f}"
-        error = f"  error: {row['error'].splitlines()[0]}" if row["error"] else ""
+        error = f"  error: {_summary(row['error'])}" if row["error"] else ""
         head = f"{row['state']:<11} attempt {row['attempt']}  {row['since']}"
         print(f"{head}  {row['run']}{value}{error}")
     return 0
@@ -138,6 +151,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     def cancel(backend, record, job_id):
+        states = backend.status(job_id)
+        ended = {s.split()[0] for s in states.values()}
+        if states and ended <= _ENDED:
+            ended_as = ", ".join(sorted(ended))
+            print(f"trainyard: nothing to cancel: job {job_id} already ended ({ended_as})")
+            return
         backend.cancel(job_id)
         print(f"trainyard: cancelled {record['backend']} job {job_id}")
 
@@ -183,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `trainyard submit --dry-run ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ BULK_MIN = 32  # sweeps at least this large are frozen through templates where t
 
 def plan(overrides: list[str]) -> list[Planned]:
     """Compose every trial and give it the run directory trainyard-train would."""
+    launcher = [o for o in overrides if o.lstrip("+~").startswith("hydra.launcher.")]
+    if launcher:  # they would be dropped silently: trainyard submit renders from cluster.*
+        raise ConfigError(
+            f"{launcher[0]}: trainyard submit reads the site settings from cluster.* "
+            "(hydra.launcher.* is for sweeps through trainyard-train -m)",
+            fix="cluster.partition=..., cluster.time_min=..., cluster.account=... "
+            "(see conf/cluster/slurm.yaml)",
+        )
     trials = expand(overrides)
     sweep_key = trial_key(overrides) if len(trials) > 1 else None
     planned = []
@@ -90,7 +98,23 @@ def plan(overrides: list[str]) -> list[Planned]:
             where = {k: values.get(k, template.value(k)) for k in ("paths.output_dir", "name")}
             run_dir = _run_dir(where["paths.output_dir"], where["name"], sweep_key, trial)
             planned.append(Planned(trial, None, run_dir, template, values))
+    _refuse_duplicates(planned)
     return planned
+
+
+def _refuse_duplicates(planned: list[Planned]) -> None:
+    """Trials that differ only in settings that do not define a trial (``cluster.*``,
+    paths, logging) are one trial: a sweep over them would train it once."""
+    seen: dict[Path, Planned] = {}
+    for p in planned:
+        if p.run_dir in seen:
+            raise ConfigError(
+                f"{' '.join(seen[p.run_dir].overrides)} and {' '.join(p.overrides)} are the "
+                "same trial: they differ only in settings that do not define a trial "
+                "(cluster.*, paths, logging; see NON_IDENTITY_KEYS in trainyard/rundir.py)",
+                fix="sweep over those settings in separate submissions, with name=<each>",
+            )
+        seen[p.run_dir] = p
 
 
 def _run_dir(output_dir: Any, name: Any, sweep_key: str | None, trial: list[str]) -> Path:
@@ -208,14 +232,14 @@ def submit_planned(
     records = []
     for job in jobs:
         backend = backends.get(job.cluster.get("backend", "local"))
-        if not dry_run:
-            with phase("write run directories"):
-                job.trials = _write(job, by_dir)
-            if not job.trials:
-                continue
+        with phase("write run directories"):
+            # the dry run leaves out what a submission would leave out, writing nothing
+            job.trials = _still_to_train(job) if dry_run else _write(job, by_dir)
+        if not job.trials:
+            continue
         for request in backend.render(job):
-            print(request)
             if dry_run:
+                print(request)
                 continue
             with phase("submit"):
                 job_id = backend.submit(request)
@@ -232,6 +256,20 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _still_to_train(job: Any) -> list[Path]:
+    """The job's trials a submission would send now (read-only: for the dry run)."""
+    from trainyard.rundir import RunDir
+
+    queued = _queued(job.log_dir)
+    out = []
+    for trial in job.trials:
+        if RunDir(trial).state == "completed" and RunDir(trial).result_file.exists():
+            print(f"trainyard: {trial} already completed; would not be submitted again")
+        elif trial not in queued:
+            out.append(trial)
+    return out
 
 
 def _write(job: Any, by_dir: dict[Path, Checked]) -> list[Path]:

@@ -46,7 +46,13 @@ def launch(
         except TrainyardError as exc:  # this trial cannot even be composed
             failed[index] = exc
     signals.install()
-    records = submit_planned(planned) if planned else []
+    try:
+        records = submit_planned(planned) if planned else []
+    except TrainyardError as exc:  # the cluster refused, a check failed: nothing was queued
+        import sys
+
+        print(f"trainyard: {exc.render()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     if wait:
         _wait(records, poll_s)
     return _returns(job_overrides, planned, failed)
@@ -104,7 +110,8 @@ def _returns(job_overrides, planned, failed) -> list[Any]:
         if index in failed or run is None or not run.result_file.exists():
             reason = failed.get(index) or (run and run.status()["history"][-1].get("error"))
             where = str(run.root) if run else " ".join(overrides)
-            train._failed_trials.append((where, str(reason or "did not complete"), 3))
+            code = getattr(failed.get(index), "exit_code", 3)  # bad input: 2
+            train._failed_trials.append((where, str(reason or "did not complete"), code))
             ret.return_value = float("nan")
         else:
             ret.return_value = read_json(run.result_file).get("value")

@@ -252,7 +252,9 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
         signals.raise_if_requested("before training started")
     if rank == 0:
         digest = read_json(run.ranks / "rank0.json").get("config_sha256")
-        run.transition("running", resumed_from=ckpt_path, config_sha256=digest)
+        job = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job_id = f"{job[0]}_{job[1]}" if all(job) else os.environ.get("SLURM_JOB_ID")
+        run.transition("running", resumed_from=ckpt_path, config_sha256=digest, job=job_id)
     started = time.time()
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
@@ -375,7 +377,8 @@ def run_rank_code(config_path: str) -> int:
 def _failed(run: RunDir, rank: int, kind: str, message: str, code: int) -> None:
     _error_file(run, rank, kind, message, code)
     if rank == 0 and run.state != "failed":
-        run.transition("failed", error=message.splitlines()[0], exit_code=code, rank=rank)
+        # the whole message (bounded): Hydra's first line often only names the target
+        run.transition("failed", error=message.strip()[-2000:], exit_code=code, rank=rank)
 
 
 def main(argv: list[str] | None = None) -> None:

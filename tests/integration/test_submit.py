@@ -95,3 +95,21 @@ def test_build_check_builds_the_constructors_before_anything_is_prepared(tmp_pat
     assert not (tmp_path / "outputs").exists()
     ok = _cli(tmp_path, "submit", "--build-check", "--dry-run", "cluster=slurm", "scheduler=none")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_sweep_over_settings_that_do_not_define_a_trial_is_refused(tmp_path):
+    out = _cli(tmp_path, "submit", "--dry-run", "cluster=slurm", "cluster.partition=a,b")
+    assert out.returncode == EXIT_CONFIG and "are the same trial" in out.stderr, out.stderr
+
+
+def test_hydra_launcher_settings_are_refused_by_submit_naming_cluster(tmp_path):
+    out = _cli(tmp_path, "submit", "--dry-run", "cluster=slurm", "hydra.launcher.partition=x")
+    assert out.returncode == EXIT_CONFIG and "cluster.partition" in out.stderr, out.stderr
+
+
+def test_the_dry_run_leaves_out_a_completed_trial(tmp_path):
+    assert _cli(tmp_path, "submit", "cluster=local", "trainer.max_epochs=1").returncode == 0
+    _wait_state(tmp_path, ("completed",))
+    out = _cli(tmp_path, "submit", "--dry-run", "cluster=slurm", "trainer.max_epochs=1")
+    assert out.returncode == 0, out.stderr
+    assert "would not be submitted again" in out.stdout and "#SBATCH" not in out.stdout

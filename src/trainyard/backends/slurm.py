@@ -59,6 +59,8 @@ class SlurmRequest:
         if len(shown) > 20:  # a 10,000-trial array: the first and the last few
             shown = [*shown[:10], (None, f"... {len(shown) - 20} more ..."), *shown[-10:]]
         tasks = "".join(f"#   task {i}: {t}\n" if i is not None else f"#   {t}\n" for i, t in shown)
+        if len(self.trials) == 1:
+            return f"# sbatch <this script>, one job for the trial {self.trials[0]}\n{self.script}"
         return f"# sbatch <this script>, one array task per trial:\n{tasks}{self.script}"
 
 

@@ -101,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        value = "" if row["value"] is None else f"  {row['monitor']}={row['value']:.4f}"
+        value = "" if row["value"] is None else f"  best {row['monitor']}={row['value']:.4f}"
         error = f"  error: {_summary(row['error'])}" if row["error"] else ""
         head = f"{row['state']:<11} attempt {row['attempt']}  {row['since']}"
         print(f"{head}  {row['run']}{value}{error}")

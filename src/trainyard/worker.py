@@ -157,6 +157,10 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
     every = OmegaConf.select(cfg, "signals.check_every_n_steps", default=10)
     callbacks.append(ResumeCheckpoint(run.last_ckpt, check_every_n_steps=every))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger is False:  # nothing to log learning rates to: Lightning would refuse the monitor
+        from pytorch_lightning.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer_cfg.setdefault("profiler", FastPassThroughProfiler())
     trainer_cfg.update(accelerator=accelerator, devices=devices)
     if isinstance(datamodule, ClassificationDataModule):
@@ -278,9 +282,10 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
         best = best_checkpoint(trainer)
         trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
         test_metrics = _metrics(trainer)
-    metric = fit_metrics.get(cfg.monitor)
+    result = _result(cfg, trainer, fit_metrics, test_metrics, started)
+    metric = result["value"]  # the best monitored value: the checkpoint that was tested
     if rank == 0:
-        write_json(run.result_file, _result(cfg, trainer, fit_metrics, test_metrics, started))
+        write_json(run.result_file, result)
         run.transition("completed", metric=metric)
     leave_process_group()
     return metric
@@ -300,12 +305,15 @@ def _result(cfg, trainer, fit_metrics, test_metrics, started) -> dict[str, Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None
+    last = fit_metrics.get(cfg.monitor)
     return {
         "monitor": cfg.monitor,
-        "value": fit_metrics.get(cfg.monitor),
-        "best_value": (
-            float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None
-        ),
+        # what status shows and sweepers get: the best epoch's value (its checkpoint is the
+        # one tested), or the last epoch's when no checkpoint watches the metric
+        "value": best if best is not None else last,
+        "best_value": best,
+        "last_value": last,
         "best_checkpoint": ckpt.best_model_path if ckpt else None,
         "metrics": {**fit_metrics, **test_metrics},
         "epochs": trainer.current_epoch,

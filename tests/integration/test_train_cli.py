@@ -34,7 +34,9 @@ def test_default_trains_to_95_percent_and_a_rerun_does_not_train_again(tmp_path)
     assert run == tmp_path / "outputs" / "default" / "runs" / "default"
     result = json.loads((run / "result.json").read_text())
     assert result["metrics"]["test/acc"] >= 0.95
-    assert result["monitor"] == "val/acc" and result["value"] == result["metrics"]["val/acc"]
+    # the value reported is the best epoch's, whose checkpoint was tested
+    assert result["monitor"] == "val/acc" and result["value"] == result["best_value"]
+    assert result["value"] >= result["last_value"] == result["metrics"]["val/acc"]
     assert "${" not in (run / "config.yaml").read_text()
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["packages"]["pytorch-lightning"] == "2.6.6"
@@ -131,6 +133,14 @@ def test_missing_dataset_without_download(tmp_path):
     out = train_cli(["data=mnist", "data.download=false"], tmp_path)
     assert out.returncode == EXIT_CONFIG
     assert "mnist was not found" in out.stderr and "data.download=true" in out.stderr
+
+
+def test_logger_none_trains_without_a_logger(tmp_path):
+    out = train_cli(["logger=none", "trainer.max_epochs=1"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    [run] = run_dirs(tmp_path)
+    assert json.loads((run / "result.json").read_text())["value"] > 0
+    assert not list(run.glob("logs/*/metrics.csv"))
 
 
 def test_status_command_reads_run_directories(tmp_path):

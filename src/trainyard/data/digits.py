@@ -43,10 +43,12 @@ class DigitsDataModule(ClassificationDataModule):
         test_fraction: float = 0.2,
         normalize: bool = True,
         augment: bool = False,
+        split_seed: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.test_fraction = test_fraction
+        self.split_seed = split_seed
         self.normalize = normalize
         self.augment = augment
         self.input_shape = (1, 8, 8)
@@ -57,9 +59,12 @@ class DigitsDataModule(ClassificationDataModule):
             return
         x, y = load_digits_arrays()
         x, y = torch.from_numpy(x) / 16.0, torch.from_numpy(y)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+        # the test split never moves with the training seed (a seed sweep is compared on one
+        # test set); validation and training are split from the rest with the seed
+        fixed = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_test = round(len(x) * self.test_fraction)
-        test_idx, rest_idx = order[:n_test], order[n_test:]
+        test_idx, rest = fixed[:n_test], fixed[n_test:]
+        rest_idx = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(self.seed))]
         n_val = max(1, round(len(rest_idx) * self.val_fraction))
         val_idx, train_idx = rest_idx[:n_val], rest_idx[n_val:]
         xs = [x[train_idx], x[val_idx], x[test_idx]]

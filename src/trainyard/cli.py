@@ -71,6 +71,8 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
     result_file = run / "result.json"
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     last = status["history"][-1] if status.get("history") else {}
+    monitor = str(result.get("monitor") or "")
+    test_metric = "test/" + monitor.split("/", 1)[-1] if monitor.startswith("val/") else None
     state = status.get("state")
     queued = scheduler.get(str(run))
     if (queued and state not in _FINAL) or queued in ("CANCELLED", "TIMEOUT", "NODE_FAIL"):
@@ -82,6 +84,9 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
         "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0))),
         "monitor": result.get("monitor"),
         "value": result.get("value"),
+        "best": result.get("best_value") is not None,
+        "test_metric": test_metric,
+        "test": (result.get("metrics") or {}).get(test_metric),
         "error": last.get("error"),
         "scheduler": queued,
     }
@@ -101,7 +106,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        value = "" if row["value"] is None else f"  best {row['monitor']}={row['value']:.4f}"
+        which = "best " if row["best"] else ""  # no checkpoint watched it: the last epoch's
+        value = "" if row["value"] is None else f"  {which}{row['monitor']}={row['value']:.4f}"
+        if row["test"] is not None:  # the best checkpoint's score on the test split
+            value += f"  {row['test_metric']}={row['test']:.4f}"
         error = f"  error: {_summary(row['error'])}" if row["error"] else ""
         head = f"{row['state']:<11} attempt {row['attempt']}  {row['since']}"
         print(f"{head}  {row['run']}{value}{error}")

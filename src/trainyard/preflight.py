@@ -30,6 +30,9 @@ _PRECISIONS = {
     "32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true", "16-mixed", "16-true",
     "transformer-engine",
 }  # fmt: skip
+# what trainyard.tasks.Classifier logs while fitting, so what `monitor` (the best checkpoint,
+# early stopping) can watch; a test fits once and checks the task logs exactly these
+CLASSIFIER_MONITORABLE = ("val/acc", "val/loss", "train/loss_epoch")
 _CPU_PRECISIONS = {"32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true"}
 
 
@@ -93,6 +96,15 @@ def check_types(cfg: DictConfig) -> None:
             f"trainer.precision={precision!r} is not a precision Lightning knows",
             fix=f"one of {', '.join(sorted(_PRECISIONS))}",
         )
+    target = OmegaConf.select(cfg, "task._target_", default="")
+    if target in ("trainyard.tasks.Classifier", "trainyard.tasks.classifier.Classifier"):
+        monitorable = CLASSIFIER_MONITORABLE
+        if cfg.get("monitor") not in monitorable:
+            raise ConfigError(
+                f"monitor={cfg.get('monitor')!r} is not a metric the classifier logs while "
+                "fitting: the checkpoint and early stopping would watch nothing",
+                fix=f"monitor=<one of {', '.join(monitorable)}> (and monitor_mode=min for a loss)",
+            )
     if cfg.get("monitor_mode") not in ("min", "max"):
         raise ConfigError(
             f"monitor_mode must be min or max, got {cfg.get('monitor_mode')!r}",

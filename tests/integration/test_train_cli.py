@@ -143,6 +143,19 @@ def test_logger_none_trains_without_a_logger(tmp_path):
     assert not list(run.glob("logs/*/metrics.csv"))
 
 
+def test_callbacks_none_writes_only_trainyards_own_checkpoint(tmp_path):
+    from trainyard.preflight import CLASSIFIER_MONITORABLE
+
+    out = train_cli(["callbacks=none", "trainer.max_epochs=1"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    [run] = run_dirs(tmp_path)
+    assert [p.relative_to(run) for p in run.rglob("*.ckpt")] == [Path("checkpoints/last.ckpt")]
+    result = json.loads((run / "result.json").read_text())
+    assert result["best_checkpoint"] is None and result["value"] == result["last_value"]
+    # what preflight lets `monitor` name is what the classifier logs
+    assert set(CLASSIFIER_MONITORABLE) <= set(result["metrics"])
+
+
 def test_status_command_reads_run_directories(tmp_path):
     import subprocess
     import sys
@@ -157,6 +170,7 @@ def test_status_command_reads_run_directories(tmp_path):
     )
     [row] = json.loads(status.stdout)
     assert row["state"] == "completed" and row["attempt"] == 1
+    assert row["test_metric"] == "test/acc" and 0 < row["test"] <= 1
 
 
 def test_cli_does_not_import_torch():

@@ -82,3 +82,12 @@ def test_auto_devices_become_concrete(cfg_factory):
     accelerator, _ = check(cfg_factory, "trainer=ddp", "trainer.devices=2")
     assert accelerator == ("gpu" if preflight.visible_gpus() else "cpu")
     assert check(cfg_factory, "trainer.devices=auto") == ("cpu", 1)
+
+
+def test_a_monitor_nothing_logs_is_refused_before_training(cfg_factory):
+    from trainyard.preflight import CLASSIFIER_MONITORABLE
+
+    with pytest.raises(ConfigError, match="val_loss") as info:
+        check(cfg_factory, "monitor=val_loss")
+    assert all(name in info.value.render() for name in CLASSIFIER_MONITORABLE)
+    check(cfg_factory, "monitor=val/loss", "monitor_mode=min")

@@ -235,7 +235,9 @@ def check_constructible(cfg: DictConfig) -> None:
     with _constructing("data", "check the data.* settings"):
         datamodule = instantiate(cfg.data)
     classes = datamodule.num_classes
-    build_net(cfg, datamodule)
+    # CheckpointError (a weights file) passes through: it is not a config value's fault
+    with _constructing("model", "check the model.* settings (trainyard-train --help lists them)"):
+        build_net(cfg, datamodule)
     with _constructing("loss", "check the loss.* settings (loss.label_smoothing in [0, 1])"):
         instantiate(cfg.loss)(torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
     param = torch.nn.Parameter(torch.zeros(2))

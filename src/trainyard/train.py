@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -151,7 +152,18 @@ def _trial_failed(run_dir: str, message: str, code: int, multirun: bool, fail_fa
     if multirun and not fail_fast:
         _failed_trials.append((run_dir, message.splitlines()[0], code))
         return float("nan")
+    if not multirun and _only_hydras(run):
+        # refused before anything was prepared: Hydra made the directory for its own files
+        # (.hydra/, train.log) just before; bad input leaves no run directory behind
+        shutil.rmtree(run.root, ignore_errors=True)
     sys.exit(code)
+
+
+def _only_hydras(run: RunDir) -> bool:
+    """The directory holds nothing but what Hydra wrote when this run started."""
+    if not run.root.is_dir() or run.config.exists() or run.status_file.exists():
+        return False
+    return {p.name for p in run.root.iterdir()} <= {".hydra", "train.log"}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -107,6 +107,21 @@ def test_wrong_type_exits_2_with_the_fix_and_no_traceback(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["+model.foo=1"], "unexpected keyword argument 'foo'"),
+        (["model=mlp", "model.hidden=abc"], "model refuses this config"),
+        (["data.batch_size=big"], "data.batch_size must be an integer"),
+    ],
+)
+def test_bad_input_exits_2_and_leaves_no_run_directory(tmp_path, overrides, says):
+    out = train_cli(overrides, tmp_path)
+    assert out.returncode == EXIT_CONFIG, out.stderr
+    assert says in out.stderr and "fix:" in out.stderr and "Traceback" not in out.stderr
+    assert not list((tmp_path / "outputs").glob("*/runs/*"))  # not even Hydra's .hydra/
+
+
 @pytest.mark.parametrize("where", ["/proc/trainyard-cannot-write", "{tmp}/a-file/outputs"])
 def test_unwritable_output_dir_fails_before_anything_starts(tmp_path, where):
     (tmp_path / "a-file").write_text("")

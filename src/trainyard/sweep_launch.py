@@ -35,10 +35,11 @@ def launch(
 ) -> list[Any]:
     """``adjust(sweep_config)``: a launcher's last word on a trial's composed config (with
     its ``hydra`` node) before it is frozen."""
-    from trainyard import signals
+    from trainyard import signals, train
     from trainyard.errors import TrainyardError
     from trainyard.submit import submit_planned
 
+    train.handed_over = True  # past here, failures carry trainyard's own exit codes
     planned, failed = [], {}
     for index, overrides in enumerate(job_overrides):
         try:

@@ -166,11 +166,16 @@ def _only_hydras(run: RunDir) -> bool:
     return {p.name for p in run.root.iterdir()} <= {".hydra", "train.log"}
 
 
+handed_over = False  # Hydra composed a trial and handed it to trainyard (or a launcher)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    global handed_over
+    handed_over = True
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     multirun = hc.mode == RunMode.MULTIRUN
@@ -200,6 +205,13 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before trainyard's own handler was installed
         print("trainyard: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exc:
+        # Hydra reports what it refuses (an unknown key, option or group; a bad override)
+        # itself, with the valid choices, and exits 1. Past composition trainyard exits with
+        # its own codes, so a 1 before any trial started is bad input: 2, as promised.
+        if exc.code == 1 and not handed_over:
+            sys.exit(EXIT_CONFIG)
+        raise
     if _failed_trials:
         print(f"trainyard: {len(_failed_trials)} trial(s) of the sweep failed:", file=sys.stderr)
         for run_dir, message, code in _failed_trials:

@@ -90,9 +90,24 @@ def test_killed_run_resumes_from_last_ckpt_and_a_corrupt_one_is_left_alone(tmp_p
     assert len(list((run / "logs").glob("version_*/metrics.csv"))) >= 2
 
 
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["trainer.max_epoch=2"], "Could not override 'trainer.max_epoch'"),
+        (["optimizer=Adam"], "Could not find 'optimizer/Adam'"),
+        (["model.hidden=[8"], "no viable alternative"),
+        (["-m", "optimizer.lrr=1,2"], "Could not override 'optimizer.lrr'"),
+    ],
+)
+def test_what_hydra_refuses_exits_2(tmp_path, overrides, says):
+    out = train_cli(overrides, tmp_path)
+    assert out.returncode == EXIT_CONFIG and says in out.stderr, out.stderr
+    assert not list((tmp_path / "outputs").glob("*/runs/*"))
+
+
 def test_unknown_option_lists_the_valid_choices(tmp_path):
     out = train_cli(["model=transformer"], tmp_path)
-    assert out.returncode != 0
+    assert out.returncode == EXIT_CONFIG
     assert "Could not find 'model/transformer'" in out.stderr
     for choice in ("cnn", "mlp", "resnet18", "rnn"):
         assert choice in out.stderr

@@ -111,9 +111,12 @@ def check_signal(cluster: dict, preempt: list[str]) -> None:
 
 
 # the ranks' rendezvous port, free on the first node: Lightning would derive it from the
-# job id, and two jobs whose ids end alike on one node would collide
+# job id, and two jobs whose ids end alike on one node would collide. Drawn below the
+# kernel's ephemeral range, which outgoing connections take ports from at any moment (a
+# port free when tested was once taken before rank 0 listened: EADDRINUSE)
 PORT_SETUP = [
-    "for port in $(shuf -i 20000-60000 -n 50); do",
+    "read -r low _ < /proc/sys/net/ipv4/ip_local_port_range || low=32768",
+    "for port in $(shuf -i 10000-$((low - 1)) -n 50); do",
     '  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { export MASTER_PORT=$port; break; }',
     "done",
 ]

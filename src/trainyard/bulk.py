@@ -42,12 +42,6 @@ def _with(cfg: DictConfig, values: dict[str, Any], run_dir: str) -> DictConfig:
     return out
 
 
-def _get(data: dict, key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
-
-
 def _replace(node: Any, old: str, new: str) -> Any:
     if isinstance(node, dict):
         return {k: _replace(v, old, new) for k, v in node.items()}
@@ -178,7 +172,7 @@ class Template:
 
     def value(self, key: str) -> Any:
         """A setting every trial of the template shares (unless it is one of the keys)."""
-        return _get(self._data, key)
+        return _at(self._data, tuple(key.split(".")))
 
     def data(self, values: dict[str, Any], run_dir: str) -> dict:
         """The frozen config of the trial with these values, as plain data."""
@@ -187,11 +181,7 @@ class Template:
             for path in self._places[key]:
                 _set_at(data, path, value)
         for path in self._run_dir_at:
-            *parents, last = path
-            node = data
-            for part in parents:
-                node = node[part]
-            node[last] = node[last].replace(_PROBES[0], run_dir)
+            _set_at(data, path, _at(data, path).replace(_PROBES[0], run_dir))
         return data
 
     def yaml(self, values: dict[str, Any], run_dir: str) -> str | None:

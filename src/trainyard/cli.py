@@ -24,14 +24,32 @@ def _run_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.rglob("status.json"))
 
 
-def _submissions(path: Path) -> list[dict]:
-    """What ``trainyard submit`` sent for runs at or below ``path`` (or one level up)."""
+def _submission_files(path: Path) -> list[tuple[Path, list[dict]]]:
+    """The submission files for runs at or below ``path`` (or one level up), each with what
+    ``trainyard submit`` recorded in it."""
     found = []
     for candidate in [path / "submission.json", path.parent / "submission.json",
                       *path.rglob("submission.json")]:  # fmt: skip
         if candidate.exists() and candidate not in [f for f, _ in found]:
             found.append((candidate, json.loads(candidate.read_text())))
-    return [record for _, records in found for record in records]
+    return found
+
+
+def _submissions(path: Path) -> list[dict]:
+    """What ``trainyard submit`` sent for runs at or below ``path`` (or one level up)."""
+    return [record for _, records in _submission_files(path) for record in records]
+
+
+def _note_cancelled(file: Path, job_id: str, cancelled: str) -> None:
+    """Remember in the submission file what ``trainyard cancel`` cancelled: the scheduler
+    may keep no trace of an array task cancelled while it was still pending."""
+    from trainyard.rundir import write_json
+
+    records = json.loads(file.read_text())
+    for record in records:
+        if record["job_id"] == job_id:
+            record["cancelled"] = sorted({*record.get("cancelled", []), cancelled})
+    write_json(file, records)
 
 
 def _scheduler_states(path: Path) -> dict[str, str]:
@@ -44,9 +62,13 @@ def _scheduler_states(path: Path) -> dict[str, str]:
             tasks = backends.get(record["backend"]).status(record["job_id"])
         except Exception as exc:  # the controller is down: say so rather than guess
             tasks = {record["job_id"]: f"UNKNOWN ({str(exc).splitlines()[0]})"}
+        cancelled = record.get("cancelled", [])
         for index, trial in enumerate(record["trials"]):
             task = f"{record['job_id']}_{index}"
-            states[trial] = tasks.get(task) or tasks.get(record["job_id"]) or "UNKNOWN"
+            known = tasks.get(task) or tasks.get(record["job_id"])
+            if not known and (task in cancelled or record["job_id"] in cancelled):
+                known = "CANCELLED"  # by trainyard cancel; the scheduler kept no trace
+            states[trial] = known or "UNKNOWN"
     return states
 
 
@@ -129,16 +151,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _each_submission(path: Path, action) -> int:
-    """Run ``action(backend, record, job_id)`` for what was submitted at or below ``path``;
-    a single trial of an array is addressed as its own task (``<job>_<index>``)."""
+    """Run ``action(backend, record, job_id, file)`` for what was submitted at or below
+    ``path`` (``file``: the submission file holding ``record``); a single trial of an array
+    is addressed as its own task (``<job>_<index>``)."""
     from trainyard import backends
 
     path = path.resolve()
-    records = _submissions(path)
-    if not records:
+    found = [(file, record) for file, records in _submission_files(path) for record in records]
+    if not found:
         print(f"trainyard: nothing was submitted from {path}", file=sys.stderr)
         return EXIT_CONFIG
-    for record in records:
+    for file, record in found:
         job_id, trials = record["job_id"], record["trials"]
         if str(path) in trials and len(trials) > 1 and record["backend"] != "local":
             job_id = f"{job_id}_{trials.index(str(path))}"
@@ -146,19 +169,19 @@ def _each_submission(path: Path, action) -> int:
             path
         ).startswith(record["log_dir"]):
             continue
-        action(backends.get(record["backend"]), record, job_id)
+        action(backends.get(record["backend"]), record, job_id, file)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    def show(backend, record, job_id):
+    def show(backend, record, job_id, file):
         print(backend.logs(job_id, Path(record["log_dir"])), end="")
 
     return _each_submission(Path(args.path), show)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    def cancel(backend, record, job_id):
+    def cancel(backend, record, job_id, file):
         states = backend.status(job_id)
         ended = {s.split()[0] for s in states.values()}
         if states and ended <= _ENDED:
@@ -166,6 +189,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             print(f"trainyard: nothing to cancel: job {job_id} already ended ({ended_as})")
             return
         backend.cancel(job_id)
+        _note_cancelled(file, record["job_id"], job_id)
         print(f"trainyard: cancelled {record['backend']} job {job_id}")
 
     return _each_submission(Path(args.path), cancel)

@@ -50,6 +50,19 @@ logs: install ## the scheduler's output of what was submitted from RUN=<run or s
 cancel: install ## cancel what was submitted from RUN=<run or sweep dir>
 	$(BIN)/trainyard cancel $(RUN)
 
+VARIANT ?= cuda
+IMAGE_ARGS ?=
+REGISTRY ?=
+
+image: ## build the training image, tagged with the git commit: make image [VARIANT=cpu] [IMAGE_ARGS="--pip-from-host"]
+	PYTHONPATH=src $(PYTHON) -m trainyard.image build --variant $(VARIANT) $(IMAGE_ARGS)
+
+push: ## push this commit's image: make push REGISTRY=registry.example.com/team [VARIANT=cpu]
+	PYTHONPATH=src $(PYTHON) -m trainyard.image push --registry "$(REGISTRY)" --variant $(VARIANT)
+
+engine: ## install podman and its settings for this host (root; Debian packages)
+	bash docker/engine.sh install
+
 cluster: ## install and start the loopback Slurm cluster (root; Debian packages)
 	bash cluster/slurm/cluster.sh install
 	bash cluster/slurm/cluster.sh start
@@ -66,4 +79,4 @@ clean: ## remove outputs, caches and the virtual environment
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf $(VENV)
 
-.PHONY: help install train test lint format bench clean submit status logs cancel cluster
+.PHONY: help install train test lint format bench clean submit status logs cancel cluster image push engine

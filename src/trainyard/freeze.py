@@ -172,4 +172,11 @@ def _code_and_machine(source_dir: Path) -> dict[str, Any]:
         "platform": platform.platform(),
         "packages": versions,
         "host": socket.gethostname(),
+        # inside trainyard's image (docker/Dockerfile): the commit it was built from
+        "image": {
+            "revision": os.environ.get("TRAINYARD_IMAGE_REVISION"),
+            "variant": os.environ.get("TRAINYARD_IMAGE_VARIANT"),
+        }
+        if os.environ.get("TRAINYARD_IMAGE_REVISION")
+        else None,
     }

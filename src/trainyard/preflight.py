@@ -210,6 +210,33 @@ def check_consistency(cfg: DictConfig) -> None:
 
     signals.parse(OmegaConf.select(cfg, "signals.preempt", default=signals.DEFAULT_PREEMPT))
     _int(cfg, "signals.check_every_n_steps", 1, 10, optional=True)
+    dist_environment(cfg)
+
+
+# dist.<key> -> (environment variables, a pattern its value must match)
+_DIST_ENV = {
+    "nccl_debug": (("NCCL_DEBUG",), r"VERSION|WARN|INFO|TRACE"),
+    "nccl_debug_subsys": (("NCCL_DEBUG_SUBSYS",), r"\^?[A-Z]+(,[A-Z]+)*"),
+    "distributed_debug": (("TORCH_DISTRIBUTED_DEBUG",), r"OFF|INFO|DETAIL"),
+    "socket_ifname": (("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"), r"[\^=]?[A-Za-z0-9_.,-]+"),
+}
+
+
+def dist_environment(cfg: DictConfig) -> dict[str, str]:
+    """The environment each rank sets from ``dist.*`` debug switches; a value the variable
+    would not take (or that could smuggle anything else in) is a ConfigError."""
+    env = {}
+    for key, (names, pattern) in _DIST_ENV.items():
+        value = OmegaConf.select(cfg, f"dist.{key}", default=None)
+        if value is None:
+            continue
+        if not re.fullmatch(pattern, str(value)):
+            raise ConfigError(
+                f"dist.{key}={value!r} is not a value {names[0]} takes",
+                fix=f"dist.{key}=<one of {pattern.replace(chr(92), '')}> or null",
+            )
+        env.update(dict.fromkeys(names, str(value)))
+    return env
 
 
 @contextlib.contextmanager

@@ -230,6 +230,7 @@ def run_rank(config_path: str) -> float | None:
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)
+    os.environ.update(preflight.dist_environment(cfg))  # before the process group starts
     # ranks a scheduler started directly (srun): rank 0 becomes the one trainer of the trial
     claim = run.claim() if rank == 0 and os.environ.get("TRAINYARD_CLAIMED") != "1" else None
     prepare_process()

@@ -91,3 +91,21 @@ def test_a_monitor_nothing_logs_is_refused_before_training(cfg_factory):
         check(cfg_factory, "monitor=val_loss")
     assert all(name in info.value.render() for name in CLASSIFIER_MONITORABLE)
     check(cfg_factory, "monitor=val/loss", "monitor_mode=min")
+
+
+def test_collective_debug_switches_become_each_ranks_environment(cfg_factory):
+    cfg = freeze(cfg_factory("dist.nccl_debug=INFO", "dist.socket_ifname=lo",
+                             "dist.distributed_debug=DETAIL"))  # fmt: skip
+    assert preflight.dist_environment(cfg) == {
+        "NCCL_DEBUG": "INFO", "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
+        "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo",
+    }  # fmt: skip
+    assert preflight.dist_environment(freeze(cfg_factory())) == {}
+
+
+@pytest.mark.parametrize("override", ["dist.nccl_debug=LOUD", "dist.socket_ifname='lo; id'",
+                                      "dist.distributed_debug=detail"])  # fmt: skip
+def test_a_debug_switch_the_variable_would_not_take_is_refused(cfg_factory, override):
+    with pytest.raises(ConfigError, match=r"is not a value .* takes") as info:
+        preflight.check_config(freeze(cfg_factory(override)), build=False)
+    assert "or null" in info.value.fix

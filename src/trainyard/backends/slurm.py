@@ -151,11 +151,22 @@ def executor_params(job: Job, count: int) -> dict[str, Any]:
     return params
 
 
+def _image(container: dict) -> str:
+    """The image every task runs: with the submitting commit's tag unless one is given."""
+    from trainyard.image import ImageError, reference
+
+    try:
+        return reference(str(container["image"]), str(container.get("variant") or "cuda"),
+                         bool(container.get("allow_dirty")))  # fmt: skip
+    except ImageError as exc:
+        raise ConfigError(f"cluster.container.image: {exc}") from None
+
+
 def _container_srun_args(c: dict) -> list[str]:
     container = c.get("container") or {}
     if container.get("engine") != "pyxis":
         return []
-    args = [f"--container-image={container.get('image')}"]
+    args = [f"--container-image={_image(container)}"]
     if container.get("mounts"):
         args.append(f"--container-mounts={','.join(container['mounts'])}")
     return args
@@ -174,7 +185,7 @@ def python_command(c: dict) -> str:
     python = str(c.get("python") or ("python" if engine else sys.executable))
     if engine == "apptainer":
         binds = ["--bind", ",".join(container["mounts"])] if container.get("mounts") else []
-        return shlex.join(["apptainer", "exec", "--nv", *binds, str(image), python])
+        return shlex.join(["apptainer", "exec", "--nv", *binds, _image(container), python])
     if engine not in (None, "pyxis"):
         raise ConfigError(
             f"cluster.container.engine={engine!r} is not supported on Slurm",

@@ -1,0 +1,225 @@
+"""Build, tag and push the training image (``make image``, ``make push``).
+
+The tag is the git commit (``-dirty`` when tracked files have uncommitted changes; ``-cpu``
+for the CPU twin), so a job script or manifest that names it runs the code it was built
+from. The two variants differ only in the base image and build arguments of one
+Dockerfile (``docker/Dockerfile``).
+
+    python -m trainyard.image build [--variant cpu] [--dry-run] [--pip-from-host]
+    python -m trainyard.image push --registry REGISTRY [--variant cpu]
+    python -m trainyard.image tag [--variant cpu]
+
+Standard library only: it runs before any environment is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainyard import __version__
+
+REPO = "trainyard"  # the image's repository name; REGISTRY/trainyard:<tag> when pushed
+SOURCE = "https://github.com/trainyard/trainyard"
+
+
+@dataclass(frozen=True)
+class Variant:
+    base: str
+    torch_index: str  # PyTorch's wheel index for torch; "" for the package index
+    suffix: str
+
+
+VARIANTS = {
+    # torch 2.14.1's wheels are built against CUDA 13.0 and bundle its libraries: the base
+    # only needs to bring the driver hooks (NVIDIA_* settings) of that CUDA release
+    "cuda": Variant("docker.io/nvidia/cuda:13.0.2-base-ubuntu24.04", "", ""),
+    "cpu": Variant(
+        "docker.io/library/ubuntu:24.04", "https://download.pytorch.org/whl/cpu", "-cpu"
+    ),
+}
+
+
+class ImageError(Exception):
+    pass
+
+
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ImageError(f"git {' '.join(args)} failed in {root}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def is_dirty(root: Path) -> bool:
+    """Tracked files differ from the commit (untracked files never reach the image:
+    .dockerignore lets in only pyproject.toml, README.md, conf/ and src/)."""
+    return bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+
+
+def tag(root: Path, variant: str = "cuda") -> str:
+    commit = _git(root, "rev-parse", "--short=12", "HEAD")
+    return f"{commit}{'-dirty' if is_dirty(root) else ''}{VARIANTS[variant].suffix}"
+
+
+def source_checkout() -> Path | None:
+    """The git checkout this trainyard runs from (an editable install), if it is one."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "docker" / "Dockerfile").exists() and (root / ".git").exists() else None
+
+
+def reference(image: str, variant: str = "cuda", allow_dirty: bool = False,
+              root: Path | None = None) -> str:  # fmt: skip
+    """The image a job runs. An image named with a tag, a digest or as a file is taken as
+    written; a bare repository (``registry.example.com/team/trainyard``) gets the tag of
+    the checkout submitting it, which is what ``make image`` / ``make push`` built from
+    it. A tree with uncommitted changes is refused unless ``allow_dirty``: its ``-dirty``
+    image may hold other changes than the tree has now."""
+    last = image.rsplit("/", 1)[-1]
+    if image.endswith(".sif") or "@" in image or ":" in last:
+        return image
+    root = root or source_checkout()
+    if root is None:
+        raise ImageError(
+            f"{image} has no tag, and trainyard is not running from a git checkout to take "
+            "one from: name the image with its tag (registry/trainyard:<tag>)"
+        )
+    if is_dirty(root) and not allow_dirty:
+        raise ImageError(
+            f"{root} has uncommitted changes: no image built from a commit holds them. "
+            "Commit, then make image && make push REGISTRY=...; or, to run the image "
+            "`make image` built from this tree, cluster.container.allow_dirty=true"
+        )
+    return f"{image}:{tag(root, variant)}"
+
+
+def engine() -> str:
+    """podman where installed (rootless-friendly, no daemon), else docker."""
+    for name in (os.environ.get("CONTAINER_ENGINE"), "podman", "docker"):
+        if name and shutil.which(name):
+            return name
+    raise ImageError("no container engine: install podman (or docker)")
+
+
+_HOST = "/run/host-pip"  # where host files named by pip settings appear during the build
+
+
+def host_pip_settings() -> tuple[list[str], list[str]]:
+    """This machine's pip settings (mirror, find-links, CA bundle, constraints) as build
+    arguments, and the local files they name as read-only mounts under /run/host-pip: a
+    site behind a TLS proxy or with its own package mirror builds as it installs."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
+    wanted = ("index-url", "extra-index-url", "find-links", "cert", "constraint", "trusted-host")
+    settings: dict[str, str] = {}
+    for line in out.splitlines():  # "global.cert='...'" and ":env:.cert='...'"
+        key, _, value = line.partition("=")
+        name = key.rsplit(".", 1)[-1]
+        if name in wanted:
+            settings[name] = value.strip().strip("'\"")
+    args, mounts = [], set()
+    for name, value in sorted(settings.items()):
+        words = []
+        for word in value.split():
+            local = Path(word.removeprefix("file://"))
+            if not (local.is_absolute() and local.exists()):
+                words.append(word)
+                continue
+            # an index's pages link to files beside it: mount the index's parent
+            mount = local.parent if name.endswith("index-url") or local.is_file() else local
+            mounts.add(str(mount))
+            words.append(word.replace(str(local), f"{_HOST}{local}", 1))
+        args.append(f"PIP_{name.upper().replace('-', '_')}={' '.join(words)}")
+    return args, [f"{m}:{_HOST}{m}:ro" for m in sorted(mounts)]
+
+
+def build_command(
+    root: Path,
+    variant: str = "cuda",
+    name: str | None = None,
+    base: str | None = None,
+    torch_index: str | None = None,
+    pip_from_host: bool = False,
+) -> list[str]:
+    v = VARIANTS[variant]
+    name = name or f"{REPO}:{tag(root, variant)}"
+    build_args = {
+        "BASE_IMAGE": base or v.base,
+        "TORCH_INDEX_URL": v.torch_index if torch_index is None else torch_index,
+        "VARIANT": variant,
+        "VERSION": __version__,
+        "REVISION": _git(root, "rev-parse", "HEAD") + ("-dirty" if is_dirty(root) else ""),
+        "SOURCE": SOURCE,
+    }
+    cmd = [engine(), "build", "-f", "docker/Dockerfile", "-t", name, "--network", "host"]
+    cmd += [f"--build-arg={k}={val}" for k, val in build_args.items()]
+    if pip_from_host:
+        args, mounts = host_pip_settings()
+        cmd += [f"--build-arg={a}" for a in args]
+        cmd += [f"--volume={m}" for m in mounts]  # podman only; docker has no build volumes
+    return [*cmd, "."]
+
+
+def push_commands(root: Path, registry: str, variant: str = "cuda") -> list[list[str]]:
+    local = f"{REPO}:{tag(root, variant)}"
+    remote = f"{registry.rstrip('/')}/{local}"
+    return [[engine(), "tag", local, remote], [engine(), "push", remote]]
+
+
+def _run(cmd: list[str], dry_run: bool, root: Path) -> None:
+    print(shlex.join(cmd), flush=True)
+    if not dry_run:
+        subprocess.run(cmd, cwd=root, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainyard.image",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", choices=["build", "push", "tag"])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="cuda")
+    parser.add_argument("--registry", help="push: where to (e.g. registry.example.com/team)")
+    parser.add_argument("--base", help="build: another base image (Debian or Ubuntu)")
+    parser.add_argument("--torch-index", help="build: PyTorch wheel index ('' for PyPI's)")
+    parser.add_argument("--pip-from-host", action="store_true",
+                        help="build: pass this machine's pip mirror and CA settings")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    try:
+        if not (root / "docker" / "Dockerfile").exists():
+            raise ImageError(f"no docker/Dockerfile in {root}: run from the trainyard checkout")
+        if args.action == "tag":
+            print(f"{REPO}:{tag(root, args.variant)}")
+        elif args.action == "build":
+            cmd = build_command(
+                root,
+                args.variant,
+                base=args.base,
+                torch_index=args.torch_index,
+                pip_from_host=args.pip_from_host,
+            )
+            _run(cmd, args.dry_run, root)
+            print(f"built {cmd[cmd.index('-t') + 1]}")
+        else:
+            if not args.registry:
+                parser.error("push needs --registry (make push REGISTRY=...)")
+            for cmd in push_commands(root, args.registry, args.variant):
+                _run(cmd, args.dry_run, root)
+    except (ImageError, subprocess.CalledProcessError) as exc:
+        print(f"trainyard image: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ImageError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

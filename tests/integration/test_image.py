@@ -1,0 +1,174 @@
+"""The training image, built and run for real with podman: the CPU twin of docker/Dockerfile
+(the CUDA image differs only in its base and build arguments; tests/unit/test_image.py checks
+those). Built once per session; the tests then run it as a cluster would: as its non-root
+user with the run directory on a mounted volume, two containers forming one DDP group, and
+started wrong in the ways users start it wrong.
+
+No registry can be reached from CI: ``.ci/run`` tags a locally made Debian base under the
+base images' names (docker/engine.sh base), and the build takes packages through this
+machine's pip settings (--pip-from-host). PyTorch's CPU wheel index cannot be reached either,
+so the twin built here carries torch's default (CUDA) wheel; elsewhere it gets the CPU build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from trainyard import image
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = shutil.which("podman")
+
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.slow,
+    pytest.mark.skipif(ENGINE is None, reason="needs podman (bash docker/engine.sh install)"),
+]
+
+SHORT = ["trainer.max_epochs=1", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2"]
+
+
+def _podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, f"podman {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    base = image.VARIANTS["cpu"].base
+    if _podman("image", "exists", base, check=False).returncode != 0:
+        pytest.fail(f"no base image {base}: bash docker/engine.sh base {base} (no registry here)")
+    cmd = image.build_command(ROOT, "cpu", torch_index="", pip_from_host=True)
+    started = time.monotonic()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    print(f"built {cmd[cmd.index('-t') + 1]} in {time.monotonic() - started:.1f} s")
+    return cmd[cmd.index("-t") + 1]
+
+
+def _volume(tmp_path: Path, name: str = "work", owner: int = 1000) -> Path:
+    volume = tmp_path / name
+    volume.mkdir()
+    os.chown(volume, owner, owner)  # the image's user (rootful podman maps it as is)
+    return volume
+
+
+def _run(img: str, volume: Path, *command: str, env: dict | None = None, timeout=300):
+    flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
+    return _podman("run", "--rm", f"--volume={volume}:/work", *flags, img, *command,
+                   timeout=timeout, check=False)  # fmt: skip
+
+
+def _inspect(img: str) -> dict:
+    return json.loads(_podman("image", "inspect", img).stdout)[0]
+
+
+def test_the_image_runs_as_its_user_with_labels_and_entrypoint(cpu_image):
+    config = _inspect(cpu_image)["Config"]
+    labels = config["Labels"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    assert labels["org.opencontainers.image.revision"].startswith(commit)
+    assert labels["org.opencontainers.image.version"] == image.__version__
+    assert labels["org.opencontainers.image.source"] == image.SOURCE
+    assert config["User"] == "1000"  # numeric: runAsNonRoot can verify it
+    assert config["Entrypoint"] == ["trainyard-entry"] and config["Cmd"] == ["trainyard-train"]
+    # build-time settings (the host's pip mirror and CA bundle) stay out of the image
+    assert not [e for e in config["Env"] if e.startswith("PIP_")]
+
+
+def test_the_image_holds_no_compilers_caches_sources_or_secrets(cpu_image):
+    script = """
+    for tool in gcc cc g++ c++ clang make ld; do command -v $tool && echo "compiler: $tool"; done
+    for d in /root/.cache /home/trainyard/.cache /var/cache/apt/archives/*.deb \\
+             /var/lib/apt/lists/*_Packages /tmp/build /wheels; do
+        [ -e "$d" ] && echo "leftover: $d"
+    done
+    # podman leaves the build's mount points (empty directories); nothing of the host's in them
+    find /run/host-pip -type f 2>/dev/null | sed 's/^/leftover: /'
+    find / -xdev \\( -name .git -o -name .env -o -name id_rsa -o -name .netrc \\
+         -o -name '*.pem' -path '*/home/*' -o -name .venv -o -name outputs \\) 2>/dev/null |
+        sed 's/^/secret or source: /'
+    id -u
+    """
+    out = _podman("run", "--rm", "--user=root", "--entrypoint=sh", cpu_image, "-c", script)
+    lines = out.stdout.split()
+    assert lines[-1] == "0" and "compiler:" not in out.stdout, out.stdout
+    assert "leftover:" not in out.stdout and "secret" not in out.stdout, out.stdout
+    user = _podman("run", "--rm", "--entrypoint=id", cpu_image, "-u").stdout.strip()
+    assert user == "1000"
+
+
+def test_the_entrypoint_trains_the_default_on_a_mounted_volume(cpu_image, tmp_path):
+    volume = _volume(tmp_path)
+    out = _run(cpu_image, volume, "trainyard-train", *SHORT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trainyard-entry: trainyard" in out.stderr and "torch 2.14.1" in out.stderr
+    [result] = list(volume.glob("outputs/default/runs/*/result.json"))
+    run = result.parent
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert (run / "checkpoints" / "best.ckpt").stat().st_uid == 1000  # the image's user
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["image"]["revision"].startswith(
+        _inspect(cpu_image)["Config"]["Labels"]["org.opencontainers.image.revision"]
+    )
+
+
+def test_two_containers_form_one_ddp_group_and_end_with_identical_weights(cpu_image, tmp_path):
+    volume, pod = _volume(tmp_path), f"trainyard-test-{uuid.uuid4().hex[:8]}"
+    _podman("pod", "create", f"--name={pod}", "--network=none")  # loopback shared by the pod
+    try:
+        containers = []
+        for rank in (0, 1):  # one container per node, as a Kubernetes Indexed Job's pods
+            torchrun = ["torchrun", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+                        "--master-addr=127.0.0.1", "--master-port=29531", "--no-python",
+                        "trainyard-train", "trainer=ddp", "trainer.num_nodes=2",
+                        "trainer.devices=1", *SHORT]  # fmt: skip
+            started = _podman("run", "-d", f"--pod={pod}", f"--volume={volume}:/work",
+                              f"--name={pod}-{rank}", cpu_image, *torchrun)  # fmt: skip
+            containers.append(started.stdout.strip())
+        codes = [_podman("wait", c, timeout=300).stdout.strip() for c in containers]
+        logs = [_podman("logs", c).stderr[-2000:] for c in containers]
+        assert codes == ["0", "0"], logs
+    finally:
+        _podman("pod", "rm", "--force", pod, check=False)
+    [run] = [p.parent for p in volume.glob("outputs/default/runs/*/status.json")]
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["host"] and ranks[0]["weights"] == ranks[1]["weights"]
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+def test_an_output_volume_the_user_cannot_write_is_refused(cpu_image, tmp_path):
+    volume = _volume(tmp_path, owner=0)
+    volume.chmod(0o755)
+    out = _run(cpu_image, volume, "trainyard-train", *SHORT)
+    assert out.returncode == 2, out.stderr
+    assert "/work is not writable by uid 1000" in out.stderr and "fix:" in out.stderr
+    assert list(volume.iterdir()) == []
+
+
+def test_a_config_directory_that_was_not_mounted_is_refused(cpu_image, tmp_path):
+    volume = _volume(tmp_path)
+    out = _run(cpu_image, volume, "trainyard-train", "--config-dir", "/conf", *SHORT)
+    assert out.returncode == 2 and "/conf, which is not a directory" in out.stderr, out.stderr
+    out = _run(cpu_image, volume, "trainyard-train", env={"TRAINYARD_CONF": "/site-conf"})
+    assert out.returncode == 2 and "TRAINYARD_CONF names /site-conf" in out.stderr, out.stderr
+    assert list(volume.iterdir()) == []
+
+
+def test_a_gpu_requested_where_the_container_sees_none_is_refused(cpu_image, tmp_path):
+    volume = _volume(tmp_path)
+    out = _run(cpu_image, volume, "trainyard-train", "trainer=gpu", *SHORT)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "GPU" in out.stderr and "fix" in out.stderr.lower(), out.stderr[-2000:]
+    assert not list(volume.glob("outputs/**/status.json"))

@@ -90,7 +90,7 @@ def check_driver(driver: str | None, cuda: str | None) -> None:
             f"the NVIDIA driver {driver} is too old for CUDA {cuda} in this image "
             f"(it needs {needed} or newer)",
             "run on nodes with a newer driver, or build the image on an older CUDA base: "
-            "make image BASE_IMAGE=<nvidia/cuda base of your driver's CUDA>",
+            'make image IMAGE_ARGS="--base <the nvidia/cuda base of your driver\'s CUDA>"',
         )
 
 
@@ -98,8 +98,9 @@ def check_writable(directory: Path) -> None:
     """The output root must exist and take files from this container's user."""
     who = f"uid {os.getuid()}"
     fix = (
-        f"mount a directory writable by {who} at {directory} (podman run --userns=keep-id, "
-        f"chown {os.getuid()} on the host directory, or Kubernetes securityContext.fsGroup)"
+        f"mount a directory writable by {who} at {directory}: podman run -v DIR:{directory}:U "
+        f"(chowns it to the container's user), chown {os.getuid()} DIR on the host, or "
+        "Kubernetes securityContext.fsGroup"
     )
     if not directory.is_dir():
         raise EntryError(f"the output directory {directory} does not exist", fix)
@@ -127,17 +128,25 @@ def _config_dirs(argv: list[str]) -> list[tuple[str, Path]]:
 
 
 def check_config_dirs(argv: list[str]) -> None:
+    """Each named config directory exists, and the container's user can read every
+    directory and YAML file in it (Hydra would fail on the first one it opens)."""
     for source, directory in _config_dirs(argv):
         if not directory.is_dir():
             raise EntryError(
                 f"{source} names {directory}, which is not a directory in the container",
                 f"mount your config directory there (-v <host dir>:{directory}:ro)",
             )
-        if not os.access(directory, os.R_OK | os.X_OK):
-            raise EntryError(
-                f"{source} names {directory}, which uid {os.getuid()} cannot read",
-                "make the mounted config directory readable (chmod -R a+rX on the host)",
-            )
+        for path in [directory, *sorted(directory.rglob("*"))]:
+            readable = os.R_OK | (os.X_OK if path.is_dir() else 0)
+            if (path.is_dir() or path.suffix in (".yaml", ".yml")) and not os.access(
+                path, readable
+            ):
+                raise EntryError(
+                    f"{source}: uid {os.getuid()} cannot read {path}",
+                    "make the mounted config directory readable (chmod -R a+rX on the host)",
+                )
+            if not os.access(path.parent, os.X_OK):
+                break  # below an unreadable directory: reported above
 
 
 def describe(driver: str | None, cuda: str | None) -> str:
@@ -151,6 +160,12 @@ def describe(driver: str | None, cuda: str | None) -> str:
     )
 
 
+def _is_cluster_task(argv: list[str]) -> bool:
+    """One rank started by a scheduler in the image (Slurm through pyxis or apptainer):
+    its paths and user are the site's, so only the driver is checked."""
+    return "submitit.core._submit" in argv
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv) or ["trainyard-train"]
     driver, cuda = driver_version(), _torch_cuda()
@@ -160,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             check_driver(driver, cuda)
             check_config_dirs(argv)
             check_writable(Path(os.environ.get("TRAINYARD_ROOT", os.getcwd())))
+        elif _is_cluster_task(argv):
+            check_driver(driver, cuda)
     except EntryError as exc:
         message, fix = exc.args
         print(f"trainyard-entry: {message}\n  fix: {fix}", file=sys.stderr)

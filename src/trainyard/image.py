@@ -15,11 +15,13 @@ Standard library only: it runs before any environment is installed.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +35,16 @@ SOURCE = "https://github.com/trainyard/trainyard"
 class Variant:
     base: str
     torch_index: str  # PyTorch's wheel index for torch; "" for the package index
+    torch_local: str  # the local label of torch's build there ("cpu": torch==X+cpu)
     suffix: str
 
 
 VARIANTS = {
     # torch 2.14.1's wheels are built against CUDA 13.0 and bundle its libraries: the base
     # only needs to bring the driver hooks (NVIDIA_* settings) of that CUDA release
-    "cuda": Variant("docker.io/nvidia/cuda:13.0.2-base-ubuntu24.04", "", ""),
+    "cuda": Variant("docker.io/nvidia/cuda:13.0.2-base-ubuntu24.04", "", "", ""),
     "cpu": Variant(
-        "docker.io/library/ubuntu:24.04", "https://download.pytorch.org/whl/cpu", "-cpu"
+        "docker.io/library/ubuntu:24.04", "https://download.pytorch.org/whl/cpu", "cpu", "-cpu"
     ),
 }
 
@@ -57,10 +60,15 @@ def _git(root: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
+# what the build context lets into the image (.dockerignore) and how it is built
+IMAGE_PATHS = ("pyproject.toml", "README.md", "conf", "src", "docker", ".dockerignore")
+
+
 def is_dirty(root: Path) -> bool:
-    """Tracked files differ from the commit (untracked files never reach the image:
-    .dockerignore lets in only pyproject.toml, README.md, conf/ and src/)."""
-    return bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+    """What goes into the image differs from the commit: a changed tracked file, or an
+    untracked one under src/ or conf/ (it would be built in; git-ignored files are not)."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=all", "--", *IMAGE_PATHS)
+    return bool(status)
 
 
 def tag(root: Path, variant: str = "cuda") -> str:
@@ -82,8 +90,8 @@ def reference(image: str, variant: str = "cuda", allow_dirty: bool = False,
     it. A tree with uncommitted changes is refused unless ``allow_dirty``: its ``-dirty``
     image may hold other changes than the tree has now."""
     last = image.rsplit("/", 1)[-1]
-    if image.endswith(".sif") or "@" in image or ":" in last:
-        return image
+    if image.startswith(("/", ".", "~")) or "@" in image or ":" in last:
+        return image  # a tag, a digest, or a file (.sif, .sqsh) or sandbox directory
     root = root or source_checkout()
     if root is None:
         raise ImageError(
@@ -107,25 +115,35 @@ def engine() -> str:
     raise ImageError("no container engine: install podman (or docker)")
 
 
-_HOST = "/run/host-pip"  # where host files named by pip settings appear during the build
+_HOST = "/run/host-pip"  # where the build sees pip.conf and the local files it names
+_PIP_KEYS = ("index-url", "extra-index-url", "find-links", "cert", "client-cert",
+             "constraint", "trusted-host")  # fmt: skip
 
 
-def host_pip_settings() -> tuple[list[str], list[str]]:
-    """This machine's pip settings (mirror, find-links, CA bundle, constraints) as build
-    arguments, and the local files they name as read-only mounts under /run/host-pip: a
-    site behind a TLS proxy or with its own package mirror builds as it installs."""
+def _pip_settings() -> dict[str, str]:
+    """The settings pip uses here, as ``pip config list`` shows them: a setting from the
+    environment (``:env:``) wins over the files', as it does for pip."""
     out = subprocess.run(
         [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
     ).stdout
-    wanted = ("index-url", "extra-index-url", "find-links", "cert", "constraint", "trusted-host")
-    settings: dict[str, str] = {}
-    for line in out.splitlines():  # "global.cert='...'" and ":env:.cert='...'"
+    found: dict[str, tuple[bool, str]] = {}
+    for line in out.splitlines():  # "global.cert='...'", ":env:.cert='...'"
         key, _, value = line.partition("=")
         name = key.rsplit(".", 1)[-1]
-        if name in wanted:
-            settings[name] = value.strip().strip("'\"")
-    args, mounts = [], set()
-    for name, value in sorted(settings.items()):
+        from_env = key.startswith(":env:")
+        if name in _PIP_KEYS and (from_env or not found.get(name, (False, ""))[0]):
+            found[name] = (from_env, str(ast.literal_eval(value)))
+    return {name: value for name, (_, value) in found.items()}
+
+
+def host_pip_settings(conf: Path) -> list[str]:
+    """Write this machine's pip settings (mirror, find-links, CA bundle, constraints) to
+    ``conf`` as a pip.conf whose local paths point under /run/host-pip, and return the
+    read-only mounts for the build: the pip.conf and the files it names. A site behind a
+    TLS proxy or with its own package mirror builds as it installs; nothing of it is
+    kept in the image or its history."""
+    lines, mounts = ["[global]"], {f"{conf}:{_HOST}/pip.conf:ro"}
+    for name, value in sorted(_pip_settings().items()):
         words = []
         for word in value.split():
             local = Path(word.removeprefix("file://"))
@@ -134,10 +152,11 @@ def host_pip_settings() -> tuple[list[str], list[str]]:
                 continue
             # an index's pages link to files beside it: mount the index's parent
             mount = local.parent if name.endswith("index-url") or local.is_file() else local
-            mounts.add(str(mount))
+            mounts.add(f"{mount}:{_HOST}{mount}:ro")
             words.append(word.replace(str(local), f"{_HOST}{local}", 1))
-        args.append(f"PIP_{name.upper().replace('-', '_')}={' '.join(words)}")
-    return args, [f"{m}:{_HOST}{m}:ro" for m in sorted(mounts)]
+        lines.append(f"{name} = {' '.join(words)}")
+    conf.write_text("\n".join(lines) + "\n")
+    return sorted(mounts)
 
 
 def build_command(
@@ -150,9 +169,11 @@ def build_command(
 ) -> list[str]:
     v = VARIANTS[variant]
     name = name or f"{REPO}:{tag(root, variant)}"
+    index = v.torch_index if torch_index is None else torch_index
     build_args = {
         "BASE_IMAGE": base or v.base,
-        "TORCH_INDEX_URL": v.torch_index if torch_index is None else torch_index,
+        "TORCH_INDEX_URL": index,
+        "TORCH_LOCAL": v.torch_local if index else "",  # the label is that index's
         "VARIANT": variant,
         "VERSION": __version__,
         "REVISION": _git(root, "rev-parse", "HEAD") + ("-dirty" if is_dirty(root) else ""),
@@ -161,9 +182,10 @@ def build_command(
     cmd = [engine(), "build", "-f", "docker/Dockerfile", "-t", name, "--network", "host"]
     cmd += [f"--build-arg={k}={val}" for k, val in build_args.items()]
     if pip_from_host:
-        args, mounts = host_pip_settings()
-        cmd += [f"--build-arg={a}" for a in args]
-        cmd += [f"--volume={m}" for m in mounts]  # podman only; docker has no build volumes
+        if Path(cmd[0]).name != "podman":
+            raise ImageError("--pip-from-host needs podman: docker build mounts no volumes")
+        conf = Path(tempfile.gettempdir()) / f"trainyard-pip-{os.getuid()}.conf"
+        cmd += [f"--volume={m}" for m in host_pip_settings(conf)]
     return [*cmd, "."]
 
 
@@ -209,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 pip_from_host=args.pip_from_host,
             )
             _run(cmd, args.dry_run, root)
-            print(f"built {cmd[cmd.index('-t') + 1]}")
+            print(f"{'would build' if args.dry_run else 'built'} {cmd[cmd.index('-t') + 1]}")
         else:
             if not args.registry:
                 parser.error("push needs --registry (make push REGISTRY=...)")

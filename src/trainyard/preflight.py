@@ -132,7 +132,8 @@ def resolve_devices(cfg: DictConfig) -> tuple[str, int]:
     if accelerator == "gpu" and available == 0:
         raise ConfigError(
             "trainer.accelerator=gpu but no CUDA GPU is visible on this machine",
-            fix="trainer=cpu here, or submit to a GPU cluster (cluster=slurm / k8s)",
+            fix="trainer=cpu here, or submit to a GPU cluster (trainyard submit cluster=slurm); "
+            "in a container, pass the GPUs in (podman run --device nvidia.com/gpu=all)",
         )
     if devices in ("auto", -1, "-1"):
         devices = available if accelerator == "gpu" else 1
@@ -218,7 +219,8 @@ _DIST_ENV = {
     "nccl_debug": (("NCCL_DEBUG",), r"VERSION|WARN|INFO|TRACE"),
     "nccl_debug_subsys": (("NCCL_DEBUG_SUBSYS",), r"\^?[A-Z]+(,[A-Z]+)*"),
     "distributed_debug": (("TORCH_DISTRIBUTED_DEBUG",), r"OFF|INFO|DETAIL"),
-    "socket_ifname": (("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"), r"[\^=]?[A-Za-z0-9_.,-]+"),
+    "nccl_socket_ifname": (("NCCL_SOCKET_IFNAME",), r"[\^=]?[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"),
+    "gloo_socket_ifname": (("GLOO_SOCKET_IFNAME",), r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"),
 }
 
 

@@ -40,7 +40,8 @@ NON_IDENTITY_KEYS = (
     "data.root", "data.download", "data.mirror", "data.lock_timeout_s",
     "data.num_workers", "data.pin_memory",
     "dist.timeout_s", "dist.nccl_debug", "dist.nccl_debug_subsys", "dist.distributed_debug",
-    "dist.socket_ifname", "trainer.log_every_n_steps", "trainer.enable_model_summary",
+    "dist.nccl_socket_ifname", "dist.gloo_socket_ifname",
+    "trainer.log_every_n_steps", "trainer.enable_model_summary",
 )  # fmt: skip
 
 STATES = ("created", "running", "completed", "failed", "preempted", "interrupted")

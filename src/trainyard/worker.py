@@ -212,6 +212,20 @@ def best_checkpoint(trainer) -> str | None:
     return None
 
 
+def apply_dist_environment(cfg: DictConfig) -> None:
+    """Set ``dist.*`` debug switches before the process group starts. torch.distributed
+    reads TORCH_DISTRIBUTED_DEBUG when it is imported, which has happened by now: it is
+    told again."""
+    from trainyard import preflight
+
+    env = preflight.dist_environment(cfg)
+    os.environ.update(env)
+    if "TORCH_DISTRIBUTED_DEBUG" in env:
+        import torch.distributed as dist
+
+        dist.set_debug_level_from_env()
+
+
 def run_rank(config_path: str) -> float | None:
     """Train one trial on this rank; rank 0 records status and result. Returns the metric.
 
@@ -230,7 +244,7 @@ def run_rank(config_path: str) -> float | None:
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)
-    os.environ.update(preflight.dist_environment(cfg))  # before the process group starts
+    apply_dist_environment(cfg)
     # ranks a scheduler started directly (srun): rank 0 becomes the one trainer of the trial
     claim = run.claim() if rank == 0 and os.environ.get("TRAINYARD_CLAIMED") != "1" else None
     prepare_process()

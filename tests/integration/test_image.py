@@ -82,20 +82,25 @@ def test_the_image_runs_as_its_user_with_labels_and_entrypoint(cpu_image):
     assert labels["org.opencontainers.image.version"] == image.__version__
     assert labels["org.opencontainers.image.source"] == image.SOURCE
     assert config["User"] == "1000"  # numeric: runAsNonRoot can verify it
-    assert config["Entrypoint"] == ["trainyard-entry"] and config["Cmd"] == ["trainyard-train"]
-    # build-time settings (the host's pip mirror and CA bundle) stay out of the image
+    assert config["Entrypoint"] == ["tini", "--", "trainyard-entry"]
+    assert config["Cmd"] == ["trainyard-train"]
+    # build-time settings (the host's pip mirror and CA bundle) stay out of the image,
+    # its environment and its history (which keeps every build argument)
     assert not [e for e in config["Env"] if e.startswith("PIP_")]
+    history = _podman("history", "--no-trunc", "--format={{.CreatedBy}}", cpu_image).stdout
+    settings = [v for value in image._pip_settings().values() for v in value.split()]
+    assert settings and not [v for v in settings if v in history], history
 
 
 def test_the_image_holds_no_compilers_caches_sources_or_secrets(cpu_image):
     script = """
     for tool in gcc cc g++ c++ clang make ld; do command -v $tool && echo "compiler: $tool"; done
     for d in /root/.cache /home/trainyard/.cache /var/cache/apt/archives/*.deb \\
-             /var/lib/apt/lists/*_Packages /tmp/build /wheels; do
+             /var/lib/apt/lists/*_Packages /tmp/build /tmp/wheels; do
         [ -e "$d" ] && echo "leftover: $d"
     done
-    # podman leaves the build's mount points (empty directories); nothing of the host's in them
-    find /run/host-pip -type f 2>/dev/null | sed 's/^/leftover: /'
+    # podman leaves the build's mount points (empty files and directories): nothing in them
+    find /run/host-pip -type f -size +0 2>/dev/null | sed 's/^/leftover: /'
     find / -xdev \\( -name .git -o -name .env -o -name id_rsa -o -name .netrc \\
          -o -name '*.pem' -path '*/home/*' -o -name .venv -o -name outputs \\) 2>/dev/null |
         sed 's/^/secret or source: /'
@@ -172,3 +177,44 @@ def test_a_gpu_requested_where_the_container_sees_none_is_refused(cpu_image, tmp
     assert out.returncode == 2, out.stderr[-2000:]
     assert "GPU" in out.stderr and "fix" in out.stderr.lower(), out.stderr[-2000:]
     assert not list(volume.glob("outputs/**/status.json"))
+
+
+def _wait_for(predicate, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_podman_stop_checkpoints_and_the_same_command_resumes(cpu_image, tmp_path):
+    volume, name = _volume(tmp_path), f"trainyard-stop-{uuid.uuid4().hex[:8]}"
+    command = ["trainyard-train", "trainer.max_epochs=40"]
+    _podman("run", "-d", f"--name={name}", f"--volume={volume}:/work", cpu_image, *command)
+    try:
+        status = lambda: next(volume.glob("outputs/default/runs/*/status.json"), None)  # noqa: E731
+        last = lambda: next(volume.glob("outputs/default/runs/*/checkpoints/last.ckpt"), None)  # noqa: E731
+        _wait_for(lambda: status() is not None and last() is not None)
+        _podman("stop", "--time=60", name)  # SIGTERM, as Kubernetes and Slurm send it
+        code = _podman("inspect", "--format={{.State.ExitCode}}", name).stdout.strip()
+    finally:
+        _podman("rm", "--force", name, check=False)
+    state = json.loads(status().read_text())
+    assert code == "75" and state["state"] == "preempted", (code, state)
+    out = _run(cpu_image, volume, *command)
+    assert out.returncode == 0, out.stderr[-2000:]
+    history = json.loads(status().read_text())["history"]
+    assert history[-1]["state"] == "completed"
+    assert [h for h in history if h["state"] == "running"][-1]["resumed_from"].endswith("last.ckpt")
+
+
+def test_a_stop_while_the_container_starts_is_not_lost(cpu_image, tmp_path):
+    volume, name = _volume(tmp_path), f"trainyard-early-{uuid.uuid4().hex[:8]}"
+    _podman("run", "-d", f"--name={name}", f"--volume={volume}:/work", cpu_image,
+            "trainyard-train", "trainer.max_epochs=40")  # fmt: skip
+    try:
+        started = time.monotonic()
+        _podman("stop", "--time=60", name)  # before Python installed any handler
+        took = time.monotonic() - started
+    finally:
+        _podman("rm", "--force", name, check=False)
+    assert took < 20, f"podman stop took {took:.1f} s: the signal was lost"

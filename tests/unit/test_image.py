@@ -3,6 +3,7 @@ built and run in tests/integration/test_image.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,12 @@ def test_the_tag_is_the_commit_and_says_dirty_and_cpu(tmp_path):
     assert image.tag(repo, "cpu") == f"{_commit(repo)}-cpu"
     (repo / "README.md").write_text("changed\n")
     assert image.tag(repo, "cpu") == f"{_commit(repo)}-dirty-cpu"
-    (repo / "untracked.txt").write_text("never in the image\n")
     (repo / "README.md").write_text("x\n")
+    (repo / "notes.txt").write_text("outside the build context: not in the image\n")
     assert image.tag(repo) == _commit(repo)
+    (repo / "src" / "pkg").mkdir(parents=True)
+    (repo / "src" / "pkg" / "new.py").write_text("# untracked, but built into the image\n")
+    assert image.tag(repo) == f"{_commit(repo)}-dirty"
 
 
 def test_a_bare_repository_gets_the_commits_tag_and_a_dirty_tree_is_refused(tmp_path):
@@ -48,7 +52,8 @@ def test_a_bare_repository_gets_the_commits_tag_and_a_dirty_tree_is_refused(tmp_
         f"reg.example.com/t/trainyard:{_commit(repo)}"
     )
     assert image.reference("localhost:5000/trainyard", "cpu", root=repo).endswith("-cpu")
-    for explicit in ("reg/trainyard:v1", "reg/trainyard@sha256:ab", "/images/t.sif"):
+    for explicit in ("reg/trainyard:v1", "reg/trainyard@sha256:ab", "/images/t.sif",
+                     "/images/trainyard.sqsh", "./sandbox"):  # fmt: skip
         assert image.reference(explicit, root=repo) == explicit
     (repo / "README.md").write_text("changed\n")
     with pytest.raises(image.ImageError, match=r"uncommitted changes.*allow_dirty=true"):
@@ -65,22 +70,44 @@ def test_the_variants_differ_only_in_base_and_build_arguments():
     assert {a.split("=")[1] for a in differ if a.startswith("--build-arg")} == {
         "BASE_IMAGE",
         "TORCH_INDEX_URL",
+        "TORCH_LOCAL",
         "VARIANT",
     } and differ - {a for a in differ if a.startswith("--build-arg")} == {"t:cuda", "t:cpu"}
     assert "--build-arg=BASE_IMAGE=docker.io/nvidia/cuda:13.0.2-base-ubuntu24.04" in cuda
     assert "--build-arg=TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu
+    assert "--build-arg=TORCH_LOCAL=cpu" in cpu  # torch==X+cpu: a CUDA build cannot win
+    no_index = image.build_command(ROOT, "cpu", name="t", torch_index="")
+    assert "--build-arg=TORCH_LOCAL=" in no_index  # no CPU index: no +cpu build to pin
 
 
-def test_host_pip_files_are_mounted_read_only_and_named_where_mounted():
-    args, mounts = image.host_pip_settings()
-    for mount in mounts:
-        host, inside, mode = mount.split(":")
-        assert inside == f"/run/host-pip{host}" and mode == "ro"
-    for arg in args:
-        _, value = arg.split("=", 1)
-        for word in value.split():
-            path = word.removeprefix("file://")
-            assert not path.startswith("/") or path.startswith("/run/host-pip/"), arg
+def test_host_pip_settings_become_a_mounted_pip_conf_not_build_arguments(tmp_path, monkeypatch):
+    index = tmp_path / "mirror" / "simple"
+    index.mkdir(parents=True)
+    cert = tmp_path / "ca.crt"
+    cert.write_text("CA")
+    listed = (f"global.cert='/nowhere'\n:env:.cert='{cert}'\n"
+              f"global.extra-index-url='\\nfile://{index}\\nhttps://example.com/simple'\n"
+              "global.timeout='60'\n")  # fmt: skip
+    real_run = subprocess.run
+
+    def run(cmd, **kw):
+        if cmd[1:4] == ["-m", "pip", "config"]:
+            return subprocess.CompletedProcess(cmd, 0, listed, "")
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    conf = tmp_path / "pip.conf"
+    mounts = image.host_pip_settings(conf)
+    assert conf.read_text().splitlines() == [
+        "[global]",
+        "cert = /run/host-pip" + str(cert),  # the environment's value wins, as for pip
+        f"extra-index-url = file:///run/host-pip{index} https://example.com/simple",
+    ]
+    assert sorted(mounts) == sorted([f"{conf}:/run/host-pip/pip.conf:ro",
+                                     f"{tmp_path}:/run/host-pip{tmp_path}:ro",
+                                     f"{index.parent}:/run/host-pip{index.parent}:ro"])  # fmt: skip
+    cmd = image.build_command(ROOT, "cpu", name="t", pip_from_host=True)
+    assert not [a for a in cmd if "PIP_" in a]  # an image's history keeps build arguments
 
 
 def test_a_driver_older_than_the_images_cuda_is_refused():
@@ -107,6 +134,14 @@ def test_config_directories_named_on_the_command_line_must_exist(tmp_path, monke
     container.check_config_dirs(["trainyard-train", "--config-dir", str(tmp_path)])
     with pytest.raises(container.EntryError, match="which is not a directory"):
         container.check_config_dirs(["trainyard-train", f"-cd={tmp_path / 'missing'}"])
+    hidden = tmp_path / "experiment" / "mine.yaml"
+    hidden.parent.mkdir()
+    hidden.write_text("x: 1\n")
+    hidden.chmod(0)
+    if not os.access(hidden, os.R_OK):  # root reads everything: nothing to refuse then
+        with pytest.raises(container.EntryError, match=r"cannot read .*mine.yaml"):
+            container.check_config_dirs(["trainyard-train", "--config-dir", str(tmp_path)])
+    hidden.chmod(0o644)
     monkeypatch.setenv("TRAINYARD_CONF", str(tmp_path / "nope"))
     with pytest.raises(container.EntryError, match="TRAINYARD_CONF names"):
         container.check_config_dirs(["trainyard-train"])
@@ -130,7 +165,7 @@ def test_slurm_jobs_run_the_image_of_the_submitting_commit(tmp_path, monkeypatch
         f"--container-image=reg/trainyard:{_commit(repo)}-cpu"
     ]
     apptainer = {"container": {"engine": "apptainer", "image": "/sif/t.sif"}}
-    assert "/sif/t.sif python" in slurm.python_command(apptainer)
+    assert "/sif/t.sif trainyard-entry python" in slurm.python_command(apptainer)
     (repo / "README.md").write_text("changed\n")
     with pytest.raises(ConfigError, match="uncommitted changes") as info:
         slurm._container_srun_args(pyxis)

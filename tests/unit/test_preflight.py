@@ -94,16 +94,35 @@ def test_a_monitor_nothing_logs_is_refused_before_training(cfg_factory):
 
 
 def test_collective_debug_switches_become_each_ranks_environment(cfg_factory):
-    cfg = freeze(cfg_factory("dist.nccl_debug=INFO", "dist.socket_ifname=lo",
-                             "dist.distributed_debug=DETAIL"))  # fmt: skip
+    switches = ["dist.nccl_debug=INFO", "dist.nccl_socket_ifname='^docker,lo'",
+                "dist.gloo_socket_ifname=lo", "dist.distributed_debug=DETAIL"]  # fmt: skip
+    cfg = freeze(cfg_factory(*switches))
     assert preflight.dist_environment(cfg) == {
         "NCCL_DEBUG": "INFO", "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
-        "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo",
+        "NCCL_SOCKET_IFNAME": "^docker,lo", "GLOO_SOCKET_IFNAME": "lo",
     }  # fmt: skip
     assert preflight.dist_environment(freeze(cfg_factory())) == {}
 
 
-@pytest.mark.parametrize("override", ["dist.nccl_debug=LOUD", "dist.socket_ifname='lo; id'",
+def test_the_distributed_debug_level_takes_effect_with_torch_imported(cfg_factory, monkeypatch):
+    import torch.distributed as dist
+
+    from trainyard.worker import apply_dist_environment
+
+    monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
+    dist.set_debug_level_from_env()
+    assert dist.get_debug_level() == dist.DebugLevel.OFF
+    try:
+        monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "OFF")
+        apply_dist_environment(freeze(cfg_factory("dist.distributed_debug=DETAIL")))
+        assert dist.get_debug_level() == dist.DebugLevel.DETAIL
+    finally:
+        monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "OFF")
+        dist.set_debug_level_from_env()
+
+
+@pytest.mark.parametrize("override", ["dist.nccl_debug=LOUD", "dist.nccl_socket_ifname='lo; id'",
+                                      "dist.gloo_socket_ifname='^docker0'",
                                       "dist.distributed_debug=detail"])  # fmt: skip
 def test_a_debug_switch_the_variable_would_not_take_is_refused(cfg_factory, override):
     with pytest.raises(ConfigError, match=r"is not a value .* takes") as info:

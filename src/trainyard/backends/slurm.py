@@ -183,15 +183,18 @@ def python_command(c: dict) -> str:
             fix="cluster.container.image=<the tag `make image` printed, or a .sif file>",
         )
     python = str(c.get("python") or ("python" if engine else sys.executable))
+    # in the image, through its entrypoint (pyxis and `apptainer exec` skip ENTRYPOINT):
+    # the versions are logged and a driver too old for the image's CUDA is refused
+    entry = ["trainyard-entry"] if engine else []
     if engine == "apptainer":
         binds = ["--bind", ",".join(container["mounts"])] if container.get("mounts") else []
-        return shlex.join(["apptainer", "exec", "--nv", *binds, _image(container), python])
+        return shlex.join(["apptainer", "exec", "--nv", *binds, _image(container), *entry, python])
     if engine not in (None, "pyxis"):
         raise ConfigError(
             f"cluster.container.engine={engine!r} is not supported on Slurm",
             fix="cluster.container.engine=pyxis, apptainer or null",
         )
-    return shlex.quote(python)
+    return shlex.join([*entry, python])
 
 
 def render_script(request_params: dict[str, Any], folder: Path, python: str, count: int) -> str:

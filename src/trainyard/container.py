@@ -28,6 +28,9 @@ MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 _TRAINING = ("trainyard-train", "torchrun")
 
 _NVIDIA_PROC = Path("/proc/driver/nvidia/version")
+# flags that only print (help, config, completion): nothing to check for them
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
+               "--shell-completion", "--version"}  # fmt: skip
 
 
 class EntryError(Exception):
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     driver, cuda = driver_version(), _torch_cuda()
     print(f"trainyard-entry: {describe(driver, cuda)}", file=sys.stderr, flush=True)
     try:
-        if Path(argv[0]).name in _TRAINING:
+        if Path(argv[0]).name in _TRAINING and not set(argv) & _INFO_FLAGS:
             check_driver(driver, cuda)
             check_config_dirs(argv)
             check_writable(Path(os.environ.get("TRAINYARD_ROOT", os.getcwd())))

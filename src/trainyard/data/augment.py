@@ -36,7 +36,7 @@ def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
 
 def random_crop(x: torch.Tensor, padding: int, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Pad each image by ``padding`` with ``fill`` (per channel) and crop it back at random."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     padded = F.pad(x, (padding,) * 4, value=0.0)
     if not isinstance(fill, float) or fill != 0.0:
         border = torch.ones_like(padded[:1, :1])

@@ -252,6 +252,26 @@ def _constructing(what: str, fix: str) -> Iterator[None]:
         raise ConfigError(f"{what} refuses this config: {exc}", fix=fix) from exc
 
 
+def check_trainer_keys(cfg: DictConfig) -> None:
+    """Every trainer.* key is an argument of Lightning's Trainer: a misspelt one added with
+    ``+`` (``+trainer.max_epoch=1``) is refused here, not after the data is loaded."""
+    import difflib
+    import inspect
+
+    import pytorch_lightning as pl
+
+    known = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for key in cfg.trainer:
+        if key == "_target_" or key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f"trainer.{close[0]}" if close else "a Lightning Trainer argument"
+        raise ConfigError(
+            f"trainer.{key} is not an argument of Lightning's Trainer",
+            fix=f"{hint} (the trainer.* keys of trainyard-train --help)",
+        )
+
+
 def check_constructible(cfg: DictConfig) -> None:
     """Build what is cheap, so a value a constructor refuses fails here, not after the
     imports on a node: the data module (without loading data), the network, the loss on a
@@ -261,6 +281,7 @@ def check_constructible(cfg: DictConfig) -> None:
 
     from trainyard.worker import build_net
 
+    check_trainer_keys(cfg)
     with _constructing("data", "check the data.* settings"):
         datamodule = instantiate(cfg.data)
     classes = datamodule.num_classes

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainyard import preflight
 from trainyard.errors import RunDirError
 from trainyard.freeze import freeze, frozen_yaml, load_frozen, provenance, save_frozen
-from trainyard.rundir import RunDir, is_identity_key, json_text, write_json
+from trainyard.rundir import RunDir, is_identity_key, json_text, read_json, write_json
 
 log = logging.getLogger("trainyard")
 
@@ -66,8 +66,56 @@ def open_trial(frozen: DictConfig, run_dir: str | Path, overrides: list[str]) ->
         source = SOURCE_DIR if (SOURCE_DIR / ".git").exists() else Path.cwd()
         write_json(run.provenance, provenance(frozen.seed, overrides, source))
         run.transition("created")
+        twin = completed_twin(run, lambda: frozen)
+        if twin is not None:
+            reuse(run, twin)
+            return Trial(run, frozen, completed=True)
         return Trial(run, frozen, completed=False)
     return _pick_up(run, frozen)
+
+
+def _experiment_dirs(run: RunDir) -> list[Path]:
+    """Where else the same trial may have run under this experiment (``name``): the single
+    run directory and every sweep's trial directory of the same key."""
+    root, key = run.root, run.root.name
+    if root.parent.parent.name == "sweeps":
+        experiment = root.parents[2]
+    elif root.parent.name == "runs":
+        experiment = root.parents[1]
+    else:  # a run directory set by hand: no experiment to search
+        return []
+    candidates = [experiment / "runs" / key, *sorted((experiment / "sweeps").glob(f"*/{key}"))]
+    return [c for c in candidates if c != root]
+
+
+def completed_twin(run: RunDir, frozen: Callable[[], DictConfig]) -> RunDir | None:
+    """A completed trial of this experiment with the same key and the same identity (an
+    earlier sweep that this one extends, or a single run): found, it is reused, not
+    trained again. Its settings that do not define a trial (paths, logger, ...) may differ.
+    ``frozen`` gives this trial's config, built only when there is a candidate."""
+    for candidate in _experiment_dirs(run):
+        twin = RunDir(candidate)
+        if twin.state != "completed" or not twin.result_file.exists():
+            continue
+        try:
+            if not identity_changes(load_frozen(twin.config), frozen()):
+                return twin
+        except (OSError, ValueError):  # unreadable: not a twin to trust
+            continue
+    return None
+
+
+def reuse(run: RunDir, twin: RunDir) -> None:
+    """Make ``run`` a completed trial whose result and checkpoints are ``twin``'s: its
+    result.json is copied (saying where it came from) and checkpoints/ links to the twin's
+    (a relative link: moving the experiment directory keeps it valid)."""
+    result = read_json(twin.result_file)
+    result["reused_from"] = str(twin.root)
+    if twin.checkpoints.is_dir() and not run.checkpoints.exists():
+        run.checkpoints.symlink_to(os.path.relpath(twin.checkpoints, run.root))
+    write_json(run.result_file, result)
+    run.transition("completed", reused_from=str(twin.root), metric=result.get("value"))
+    log.info("%s already completed as %s: reused, not trained again", run.root, twin.root)
 
 
 def open_trial_data(
@@ -95,7 +143,10 @@ def open_trial_data(
             (staging / run.provenance.name).write_text(json_text(info))
             (staging / run.status_file.name).write_text(json_text(run.created_status()))
             os.rename(staging, run.root)
-            return False
+            twin = completed_twin(run, lambda: OmegaConf.create(data()))
+            if twin is not None:
+                reuse(run, twin)
+            return twin is not None
         except OSError:
             if not run.root.exists():
                 raise
@@ -121,6 +172,7 @@ def _pick_up(run: RunDir, frozen: DictConfig) -> Trial:
             fix="name=<new name> to train the new config, or remove the old run directory",
         )
     if run.state == "completed" and run.result_file.exists():
+        _say_logger_unchanged(run, existing, frozen)
         return Trial(run, existing, completed=True)
     operational = _flat_changes(existing, frozen)
     if operational:
@@ -129,6 +181,26 @@ def _pick_up(run: RunDir, frozen: DictConfig) -> Trial:
         save_frozen(frozen, run.config)
         return Trial(run, frozen, completed=False)
     return Trial(run, existing, completed=False)
+
+
+def _say_logger_unchanged(run: RunDir, existing: DictConfig, asked: DictConfig) -> None:
+    """A completed trial is not trained again, so another logger asked for now writes
+    nothing: say where its metrics are and how to get them logged the other way."""
+    before = OmegaConf.select(existing, "logger._target_", default=None)
+    now = OmegaConf.select(asked, "logger._target_", default=None)
+    if before == now:
+        return
+    kept = sorted(run.root.glob("logs/version_*/metrics.csv")) or sorted(
+        run.root.glob("logs/version_*")
+    )
+    where = f"{kept[-1].relative_to(run.root)}" if kept else "nothing: it ran with logger=none"
+    log.warning(
+        "%s completed with logger %s, so logger %s writes nothing for it (its metrics: %s; "
+        "result.json has the final ones). To have them logged that way, train it again "
+        "under another name: name=<new name> with the same overrides",
+        run.root, (before or "none").rsplit(".", 1)[-1], (now or "none").rsplit(".", 1)[-1],
+        where,
+    )  # fmt: skip
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 import warnings
 from datetime import timedelta
@@ -44,6 +45,27 @@ def _quiet_lightning() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*recommended to use `Trainer\(devices=1.*")
+    # trainyard starts the ranks (or srun does, and Lightning then uses it): nothing to hint
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # a resume finds its own best.ckpt there: expected, and said in its own line
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
+
+
+def log_to_run_dir(run: RunDir, rank: int) -> None:
+    """A rank started outside Hydra (by trainyard's launcher, srun or torchrun) logs like
+    a Hydra run: rank 0 to the console and to the run's ``train.log``, so the epoch, test
+    and stop lines are kept there however the ranks were started."""
+    root = logging.getLogger()
+    if rank != 0 or root.handlers:  # Hydra configured this process: it writes train.log
+        return
+    formatter = logging.Formatter(_LOG_FORMAT)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.root / "train.log")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def prepare_process() -> None:
@@ -112,6 +134,24 @@ def build_net(cfg: DictConfig, datamodule) -> Any:
         ) from exc
 
 
+def task_specs(cfg: DictConfig, datamodule) -> dict[str, dict | None]:
+    """The task's network, optimizer, scheduler and loss as plain data (trainyard.tasks.specs):
+    their config sections, the network sized from the data as :func:`build_net` sizes it."""
+
+    def plain(key: str) -> dict | None:
+        node = cfg.get(key)
+        return OmegaConf.to_container(node, resolve=True) if node else None
+
+    net = {k: v for k, v in plain("model").items() if k != "_partial_"}
+    net.update(input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    return {
+        "net": net,
+        "optimizer": plain("optimizer"),
+        "scheduler": plain("scheduler"),
+        "loss": plain("loss"),
+    }
+
+
 def own_signals(trainer) -> None:
     """trainyard owns the stop signals (:mod:`trainyard.signals`): Lightning's own handlers
     broadcast a tensor from inside the signal handler (a collective that can meet another
@@ -153,10 +193,12 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
         loss=instantiate(cfg.loss),
         **optimization,
     )
+    if hasattr(task, "record_specs"):  # so that a checkpoint alone rebuilds the task
+        task.record_specs(**task_specs(cfg, datamodule))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     every = OmegaConf.select(cfg, "signals.check_every_n_steps", default=10)
     callbacks.append(ResumeCheckpoint(run.last_ckpt, check_every_n_steps=every))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate(cfg.logger, **_logger_version(cfg, run)) if cfg.get("logger") else False
     if logger is False:  # nothing to log learning rates to: Lightning would refuse the monitor
         from pytorch_lightning.callbacks import LearningRateMonitor
 
@@ -177,6 +219,22 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
     )
     own_signals(trainer)
     return datamodule, task, trainer
+
+
+_VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+
+
+def _logger_version(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """logs/version_N numbered like the attempts (from 1): version_2 holds attempt 2's
+    metrics, whatever versions an earlier attempt left (Lightning would count from 0)."""
+    target = str(OmegaConf.select(cfg, "logger._target_", default=""))
+    if OmegaConf.select(cfg, "logger.version") is not None or not target.endswith(
+        _VERSIONED_LOGGERS
+    ):
+        return {}
+    status = read_json(run.status_file) if run.status_file.exists() else {}
+    # rank 0 records the new attempt only after building: this is the one about to start
+    return {"version": int(status.get("attempt", 0)) + 1}
 
 
 def checked_resume_path(run: RunDir) -> str | None:
@@ -241,6 +299,7 @@ def run_rank(config_path: str) -> float | None:
     digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16]
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     run.write_rank_info(rank, local_rank=local_rank, config_sha256=digest)
+    log_to_run_dir(run, rank)
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)
@@ -274,6 +333,11 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
         job = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
         job_id = f"{job[0]}_{job[1]}" if all(job) else os.environ.get("SLURM_JOB_ID")
         run.transition("running", resumed_from=ckpt_path, config_sha256=digest, job=job_id)
+        if ckpt_path:
+            attempt = read_json(run.status_file).get("attempt")
+            logging.getLogger("trainyard").info(
+                "resuming (attempt %s) from %s", attempt, Path(ckpt_path).name
+            )
     started = time.time()
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:

@@ -32,3 +32,35 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path):
     assert "does not fit the data" in out.stderr
     [failed] = run_dirs(tmp_path)  # the failure is on record; the rnn trial never started
     assert "model-cnn" in failed.name
+
+
+def _states(run) -> list[str]:
+    return [h["state"] for h in json.loads((run / "status.json").read_text())["history"]]
+
+
+def test_extending_a_sweep_reuses_the_trials_that_completed(tmp_path):
+    args = ["-m", "name=ext", "trainer.max_epochs=1"]
+    first = train_cli([*args, "optimizer.lr=1e-3,2e-3"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    earlier = {r.name: r for r in run_dirs(tmp_path)}
+    # the same values spelt differently, and one more: a new sweep directory
+    more = train_cli([*args, "optimizer.lr=0.001,0.002,0.003"], tmp_path)
+    assert more.returncode == 0, more.stderr
+    later = [r for r in run_dirs(tmp_path) if r.parent != next(iter(earlier.values())).parent]
+    assert len(later) == 3
+    for run in later:
+        if run.name in earlier:  # found where the first sweep put it: not trained again
+            assert _states(run) == ["created", "completed"]
+            result = json.loads((run / "result.json").read_text())
+            assert result["reused_from"] == str(earlier[run.name])
+            assert result["value"] == json.loads(
+                (earlier[run.name] / "result.json").read_text())["value"]  # fmt: skip
+            assert (run / "checkpoints" / "best.ckpt").exists()  # the twin's, linked
+        else:
+            assert "running" in _states(run) and "lr-0.003" in run.name
+    assert more.stdout.count("reused, not trained again") == 2
+    # a single run of a trial a sweep completed is found too
+    single = train_cli(["name=ext", "trainer.max_epochs=1", "optimizer.lr=3e-3"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    [run] = [r for r in run_dirs(tmp_path) if r.parent.name == "runs"]
+    assert _states(run) == ["created", "completed"]

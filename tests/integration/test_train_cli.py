@@ -41,9 +41,9 @@ def test_default_trains_to_95_percent_and_a_rerun_does_not_train_again(tmp_path)
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["packages"]["pytorch-lightning"] == "2.6.6"
     assert (run / "checkpoints" / "last.ckpt").exists()
-    assert list((run / "logs").glob("version_0/metrics.csv"))
     assert out.stdout.count("epoch 10/10") == 1  # plain progress lines when not on a terminal
     assert "\r" not in out.stdout
+    _says_what_happened(out.stdout, run, result)
 
     ckpt_mtime = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     history = _status(run)["history"]
@@ -86,8 +86,13 @@ def test_killed_run_resumes_from_last_ckpt_and_a_corrupt_one_is_left_alone(tmp_p
     assert status["history"][-2]["resumed_from"].endswith("last.ckpt")
     result = json.loads((run / "result.json").read_text())
     assert result["epochs"] == 25
-    # every attempt keeps its own metrics file
-    assert len(list((run / "logs").glob("version_*/metrics.csv"))) >= 2
+    # every attempt keeps its own metrics file, numbered as the attempts are
+    versions = {p.parent.name for p in (run / "logs").glob("version_*/metrics.csv")}
+    assert f"version_{status['attempt']}" in versions and "version_0" not in versions
+    # a resume says so in a line of its own, and Lightning's warning about the checkpoint
+    # directory (which holds this trial's own best.ckpt) is not repeated at every resume
+    assert f"resuming (attempt {status['attempt']}) from last.ckpt" in out.stdout
+    assert "exists and is not empty" not in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(
@@ -213,3 +218,49 @@ def test_cli_does_not_import_torch():
         [sys.executable, "-m", "trainyard.cli", "--help"], capture_output=True, text=True
     )
     assert help_.returncode == 0 and "status" in help_.stdout
+
+
+def _says_what_happened(stdout: str, run: Path, result: dict) -> None:
+    """The console and train.log both carry each epoch (with its training loss), the test
+    metrics and why training stopped; metrics.csv has the epoch on every row, the groups'
+    names on its learning-rate columns, and the attempt's number on its directory."""
+    test_line = f"test  test/loss {result['metrics']['test/loss']:.4g}"
+    train_log = (run / "train.log").read_text()
+    for text in (stdout, train_log):
+        assert "epoch 1/10  step" in text and "train/loss" in text and "val/acc" in text
+        assert test_line in text
+    [csv] = list((run / "logs").glob("version_*/metrics.csv"))
+    assert csv.parent.name == "version_1"  # attempt 1
+    import csv as csvlib
+
+    rows = list(csvlib.DictReader(csv.open()))
+    assert {"lr-Adam/weights", "lr-Adam/no_decay"} <= set(rows[0])
+    train_rows = [r for r in rows if r["train/loss"]]
+    assert train_rows and all(r["epoch"] != "" for r in train_rows)
+
+
+def test_early_stopping_says_why_it_stopped(tmp_path):
+    out = train_cli(["trainer.max_epochs=30", "callbacks.early_stopping.patience=1",
+                     "optimizer.lr=0.05"], tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    [run] = run_dirs(tmp_path)
+    stopped = [line for line in out.stdout.splitlines() if "early stopping after epoch" in line]
+    assert len(stopped) == 1 and "did not improve for 1 epochs" in stopped[0]
+    assert "epoch 30/30" not in out.stdout
+    assert "early stopping after epoch" in (run / "train.log").read_text()
+
+
+def test_a_misspelt_trainer_key_is_refused_before_anything_starts(tmp_path):
+    out = train_cli(["+trainer.max_epoch=1"], tmp_path)
+    assert out.returncode == EXIT_CONFIG, out.stderr
+    assert "trainer.max_epoch is not an argument" in out.stderr
+    assert "fix: trainer.max_epochs" in out.stderr and "Traceback" not in out.stderr
+    assert run_dirs(tmp_path) == [] and not list((tmp_path / "outputs").rglob("*.yaml"))
+
+
+def test_help_says_what_trainyard_is_and_how_to_complete_in_the_shell(tmp_path):
+    out = train_cli(["--help"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    expected = ["trainyard-train: train a model", "Exit codes", "model: cnn, mlp",
+                "trainer.max_epochs=10", "-sc install=bash", "== The composed config"]  # fmt: skip
+    assert [text for text in expected if text not in out.stdout] == []

@@ -155,3 +155,20 @@ def test_our_loop_matches_lightnings_automatic_optimization_with_accumulation_an
     ):
         diff = (a.float() - b.float()).abs().max().item()
         assert diff <= _WEIGHT_ATOL[precision], (name, diff)
+
+
+def test_the_terminal_bar_shows_the_training_loss_not_the_loggers_version(tmp_path, caplog):
+    from trainyard.callbacks.progress import TerminalProgressBar
+
+    bar = TerminalProgressBar(refresh_rate=1)
+    logger = pl.loggers.CSVLogger(tmp_path, name="logs")
+    trainer = quiet_trainer(max_epochs=2, log_every_n_steps=5, logger=logger, callbacks=[bar],
+                            enable_progress_bar=True, limit_val_batches=2)  # fmt: skip
+    task = _task()
+    with caplog.at_level("INFO", logger="trainyard"):
+        trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    shown = bar.get_metrics(trainer, task)
+    assert "v_num" not in shown and shown["loss"] == task.last_train_loss > 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainyard"]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("train/loss" in line and "val/acc" in line for line in lines)

@@ -109,3 +109,39 @@ def test_one_process_trains_a_trial_at_a_time(cfg_factory, tmp_path):
         trial.run.claim()
     claim.release()
     trial.run.claim().release()
+
+
+def test_only_a_completed_twin_with_the_same_identity_is_reused(cfg_factory, tmp_path):
+    from trainyard.rundir import write_json
+
+    exp = tmp_path / "outputs" / "exp"
+    first = prepare(cfg_factory(), exp / "sweeps" / "a" / "t", [])
+    first.run.transition("running")
+    assert not prepare(cfg_factory(), exp / "sweeps" / "b" / "t", []).completed  # not done yet
+
+    first.run.transition("completed")
+    write_json(first.run.result_file, {"value": 0.5, "monitor": "val/acc"})
+    other_seed = prepare(cfg_factory("seed=7"), exp / "sweeps" / "c" / "t", [])
+    assert not other_seed.completed  # same key, another trial: trained, not reused
+    twin = prepare(cfg_factory("logger=tensorboard"), exp / "runs" / "t", [])
+    assert twin.completed and twin.run.state == "completed"  # the logger does not define it
+    assert twin.run.status()["history"][-1]["reused_from"] == str(first.run.root)
+    elsewhere = prepare(cfg_factory(), tmp_path / "elsewhere" / "t", [])
+    assert not elsewhere.completed  # outside an experiment's runs/ and sweeps/: no search
+
+
+def test_another_logger_on_a_completed_trial_says_how_to_get_its_files(cfg_factory, tmp_path,
+                                                                       caplog):  # fmt: skip
+    from trainyard.rundir import write_json
+
+    done = prepare(cfg_factory(), tmp_path / "t", [])
+    (done.run.root / "logs" / "version_1").mkdir(parents=True)
+    (done.run.root / "logs" / "version_1" / "metrics.csv").write_text("epoch\n")
+    done.run.transition("completed")
+    write_json(done.run.result_file, {"value": 0.5})
+    with caplog.at_level("WARNING", logger="trainyard"):
+        again = prepare(cfg_factory("logger=tensorboard"), tmp_path / "t", [])
+    assert again.completed
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "logger CSVLogger, so logger TensorBoardLogger writes nothing" in message
+    assert "logs/version_1/metrics.csv" in message and "name=<new name>" in message

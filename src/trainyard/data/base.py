@@ -7,11 +7,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 from trainyard.data.loader import ResumableLoader, ResumableSampler
+from trainyard.data.preprocess import Preprocess
 
 
 class ClassificationDataModule(pl.LightningDataModule):
     """Base: subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` and
-    ``input_shape``/``num_classes`` in ``setup``."""
+    ``input_shape``/``num_classes`` in ``setup``, and ``preprocess`` where they know it:
+    how a raw input becomes what the network sees (the task saves it in checkpoints)."""
 
     def __init__(
         self,
@@ -32,6 +34,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.preprocess: Preprocess | None = None
 
     def split_train_val(self, full: Dataset) -> tuple[Dataset, Dataset]:
         """Seeded split, identical on every rank (each rank computes it on its own)."""
@@ -94,10 +97,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         return batch
 
 
-def standardize(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Scale with the training split's mean and std (never peeking at val or test)."""
+def standardize(
+    train_x: torch.Tensor, *others: torch.Tensor
+) -> tuple[list[torch.Tensor], tuple[float, float]]:
+    """Scale with the training split's mean and std (never peeking at val or test). Returns
+    the scaled tensors and the statistics, which predicting needs (:class:`Preprocess`)."""
     mean, std = train_x.mean(), train_x.std().clamp_min(1e-6)
-    return [(t - mean) / std for t in (train_x, *others)]
+    return [(t - mean) / std for t in (train_x, *others)], (float(mean), float(std))
 
 
 def tensor_dataset(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:

@@ -15,7 +15,10 @@ import torch
 
 from trainyard.data.augment import random_shift
 from trainyard.data.base import ClassificationDataModule, standardize, tensor_dataset
+from trainyard.data.preprocess import Preprocess
 from trainyard.errors import DataError
+
+PIXEL_MAX = 16.0  # the digits' pixels are counts 0..16
 
 
 def digits_csv_path() -> Path:
@@ -58,18 +61,24 @@ class DigitsDataModule(ClassificationDataModule):
         if self.train_set is not None:
             return
         x, y = load_digits_arrays()
-        x, y = torch.from_numpy(x) / 16.0, torch.from_numpy(y)
+        x, y = torch.from_numpy(x) / PIXEL_MAX, torch.from_numpy(y)
         # the test split never moves with the training seed (a seed sweep is compared on one
         # test set); validation and training are split from the rest with the seed
         fixed = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_test = round(len(x) * self.test_fraction)
         test_idx, rest = fixed[:n_test], fixed[n_test:]
-        rest_idx = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(self.seed))]
+        rest_idx = rest[
+            torch.randperm(len(rest), generator=torch.Generator().manual_seed(self.seed))
+        ]
         n_val = max(1, round(len(rest_idx) * self.val_fraction))
         val_idx, train_idx = rest_idx[:n_val], rest_idx[n_val:]
         xs = [x[train_idx], x[val_idx], x[test_idx]]
+        mean, std = 0.0, 1.0
         if self.normalize:
-            xs = standardize(*xs)
+            xs, (mean, std) = standardize(*xs)
+        self.preprocess = Preprocess(
+            self.input_shape, self.num_classes, divide_by=PIXEL_MAX, mean=(mean,), std=(std,)
+        )
         self.train_set = tensor_dataset(xs[0], y[train_idx])
         self.val_set = tensor_dataset(xs[1], y[val_idx])
         self.test_set = tensor_dataset(xs[2], y[test_idx])

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from trainyard.data.base import ClassificationDataModule, tensor_dataset
+from trainyard.data.preprocess import Preprocess
 
 
 class SyntheticDataModule(ClassificationDataModule):
@@ -28,6 +29,7 @@ class SyntheticDataModule(ClassificationDataModule):
         self.num_samples = int(num_samples)
         self.test_samples = int(test_samples)
         self.noise = float(noise)
+        self.preprocess = Preprocess(self.input_shape, self.num_classes)  # used as generated
 
     def _make(self, n: int, generator: torch.Generator, prototypes: torch.Tensor):
         y = torch.randint(0, self.num_classes, (n,), generator=generator)

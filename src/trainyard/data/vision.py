@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 
 from trainyard.data import augment
 from trainyard.data.base import ClassificationDataModule
+from trainyard.data.preprocess import Preprocess
 from trainyard.errors import DataError
 
 
@@ -28,6 +29,7 @@ class TorchvisionDataModule(ClassificationDataModule):
     input_shape_: ClassVar[tuple[int, int, int]]
     mean: ClassVar[tuple[float, ...]]
     std: ClassVar[tuple[float, ...]]
+    channels_last: ClassVar[bool] = False  # how the dataset stores its raw images
 
     def __init__(
         self,
@@ -48,6 +50,15 @@ class TorchvisionDataModule(ClassificationDataModule):
         self.lock_timeout_s = lock_timeout_s
         self.input_shape = self.input_shape_
         self.num_classes = 10
+        # what _transform does: ToTensor scales 8-bit pixels to [0, 1], then Normalize
+        self.preprocess = Preprocess(
+            self.input_shape,
+            self.num_classes,
+            divide_by=255.0,
+            mean=self.mean if normalize else (0.0,),
+            std=self.std if normalize else (1.0,),
+            channels_last=self.channels_last,
+        )
 
     # -- torchvision specifics ---------------------------------------------------------
     def dataset_class(self) -> type:
@@ -181,6 +192,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
     torchvision_name = "CIFAR10"
     folder = "cifar-10-batches-py"
     input_shape_ = (3, 32, 32)
+    channels_last = True  # CIFAR10.data is (N, 32, 32, 3), as PIL images are
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def mirror_attributes(self, base: type, mirror: str) -> dict:

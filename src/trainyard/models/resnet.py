@@ -20,6 +20,10 @@ class ResNet18(nn.Module):
     whose kernels are the pretrained RGB kernels summed over colour.
     """
 
+    # only initialise weights: a checkpoint's state_dict replaces them, so a checkpoint's
+    # description of this network leaves them out (trainyard.tasks.specs.architecture)
+    init_only_args = ("weights",)
+
     def __init__(
         self,
         input_shape: Sequence[int],

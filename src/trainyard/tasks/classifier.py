@@ -9,38 +9,63 @@ over ``trainer.accumulate_grad_batches`` and ``trainer.gradient_clip_*`` from th
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from trainyard.data.preprocess import Preprocess
+from trainyard.tasks import specs
+
+_log = logging.getLogger("trainyard")
+
 # Schedulers defined per optimizer step rather than per epoch.
 _STEPWISE = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 
 
 class Classifier(pl.LightningModule):
+    """``net``, ``optimizer``, ``scheduler`` and ``loss`` are objects, or specs (plain
+    dicts, see :mod:`trainyard.tasks.specs`) built here. Specs and the plain arguments are
+    saved as hyperparameters, so ``Classifier.load_from_checkpoint(path)`` rebuilds the
+    task; for objects, :meth:`record_specs` saves their specs (trainyard's entrypoint does),
+    or load_from_checkpoint needs them passed again (Lightning's rule for modules).
+    ``preprocess`` (:class:`~trainyard.data.preprocess.Preprocess`) is taken from the data
+    module in :meth:`setup` and saved the same way.
+    """
+
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | Mapping,
         num_classes: int,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., object] | None = None,
-        loss: nn.Module | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | Mapping | None = None,
+        scheduler: Callable[..., object] | Mapping | None = None,
+        loss: nn.Module | Mapping | None = None,
         decay_norm_and_bias: bool = False,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        preprocess: Mapping | None = None,
     ):
         super().__init__()
+        given = {"net": net, "optimizer": optimizer, "scheduler": scheduler, "loss": loss}
+        # logger=False: config.yaml is the run's record; these only rebuild the task
+        self.save_hyperparameters(ignore=[*given, "preprocess"], logger=False)
         self.automatic_optimization = False
-        self.net = net
+        self.net = _built(net, "net")
+        loss = _built(loss, "loss")
         self.loss_fn = loss if loss is not None else nn.CrossEntropyLoss()
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.optimizer_factory = _built(optimizer, "optimizer")
+        self.scheduler_factory = _built(scheduler, "scheduler")
+        self.record_specs(**{k: v for k, v in given.items() if isinstance(v, Mapping)})
+        self.preprocess: Preprocess | None = None
+        if preprocess is not None:
+            self.use_preprocess(Preprocess.from_dict(preprocess))
         self.decay_norm_and_bias = decay_norm_and_bias
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
@@ -49,6 +74,7 @@ class Classifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._loss_window: list[torch.Tensor] = []  # detached losses since the last log
         self._epoch_loss = [0.0, 0]  # sum and count this epoch, for train/loss_epoch
+        self.last_train_loss: float | None = None  # last logging window's mean (progress)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets this string attribute twice per hook call (44 times a step); it is
@@ -60,6 +86,37 @@ class Classifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    # -- what checkpoints record -------------------------------------------------------
+    def record_specs(self, **given: Mapping | None) -> None:
+        """Save how to rebuild ``net``, ``optimizer``, ``scheduler`` or ``loss`` in the
+        hyperparameters. A spec that could not be rebuilt safely is left out: loading
+        then needs that argument passed (the network) or goes without it (the others)."""
+        for name, spec in given.items():
+            if spec is None:
+                continue
+            if not specs.recordable(spec, specs.KINDS[name]):
+                if name == "net":
+                    _log.warning(
+                        "the network's target %s is not an nn.Module class: checkpoints "
+                        "will not rebuild it (load_from_checkpoint needs net=...)",
+                        spec.get("_target_"),
+                    )
+                continue
+            spec = copy.deepcopy(dict(spec))
+            self.hparams[name] = specs.architecture(spec) if name == "net" else spec
+
+    def use_preprocess(self, preprocess: Preprocess) -> None:
+        """How raw inputs become what ``net`` takes; saved with every checkpoint."""
+        self.preprocess = preprocess
+        self.hparams["preprocess"] = preprocess.to_dict()
+
+    def setup(self, stage: str) -> None:
+        # the data module knows its preprocessing once its own setup ran (statistics of the
+        # training split), and Lightning runs that before this hook
+        preprocess = getattr(self.trainer.datamodule, "preprocess", None)
+        if preprocess is not None:
+            self.use_preprocess(preprocess)
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -109,6 +166,12 @@ class Classifier(pl.LightningModule):
         if scheduler is not None and not isinstance(scheduler, _STEPWISE):
             scheduler.step()
 
+    def epoch_train_loss(self) -> float | None:
+        """This rank's mean training loss so far this epoch (for the progress lines, which
+        run before on_train_epoch_end logs train/loss_epoch)."""
+        total, count = self._epoch_loss
+        return float(total) / count if count else None
+
     def rank_state_dict(self) -> dict:
         """This rank's running loss sums: a resumed epoch reports the same mean loss.
         (Saved per rank by trainyard.callbacks.resume.ResumeCheckpoint.)"""
@@ -140,8 +203,11 @@ class Classifier(pl.LightningModule):
         mean = torch.stack(self._loss_window).mean()
         self._loss_window.clear()
         if self.trainer.is_global_zero:
+            self.last_train_loss = mean.item()
+            # with its epoch, as Lightning logs self.log values (metrics.csv's epoch column)
+            row = {"train/loss": self.last_train_loss, "epoch": self.current_epoch}
             for logger in self.loggers:
-                logger.log_metrics({"train/loss": mean.item()}, step=self.global_step)
+                logger.log_metrics(row, step=self.global_step)
 
     # -- evaluation -------------------------------------------------------------------
     def _eval_step(self, batch, split: str, metric: MulticlassAccuracy) -> None:
@@ -160,12 +226,16 @@ class Classifier(pl.LightningModule):
     # -- optimizers ---------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
         params = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        # named: the learning-rate monitor logs lr-<Optimizer>/<name> (not pg1, pg2)
         if self.decay_norm_and_bias:
-            return [{"params": [p for _, p in params]}]
+            return [{"params": [p for _, p in params], "name": "all"}]
         # weight decay on matrices and kernels only: biases and norm scales are 1-d
         decay = [p for _, p in params if p.ndim > 1]
         no_decay = [p for _, p in params if p.ndim <= 1]
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "name": "weights"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps in this fit: per epoch ceil(batches / accumulation), capped."""
@@ -178,6 +248,11 @@ class Classifier(pl.LightningModule):
         return int(total)
 
     def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "this Classifier has no optimizer (a checkpoint records one only when its "
+                "target is a torch.optim.Optimizer class): pass optimizer=..."
+            )
         optimizer = self.optimizer_factory(params=self._param_groups())
         if self.scheduler_factory is None:
             return optimizer
@@ -191,3 +266,8 @@ class Classifier(pl.LightningModule):
         interval = "step" if isinstance(scheduler, _STEPWISE) else "epoch"
         schedule = {"scheduler": scheduler, "interval": interval}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def _built(value, name: str):
+    """An argument given as a spec, built; an object (or None), as it is."""
+    return specs.build(value, specs.KINDS[name]) if isinstance(value, Mapping) else value

@@ -88,6 +88,27 @@ def _summary(error: str) -> str:
     return lines[0] if lines else ""
 
 
+def _lock_held(lock: Path) -> bool | None:
+    """Whether a process on this machine holds ``lock`` (the trainer's flock), from
+    /proc/locks, without taking it (taking it, even for a moment, could turn a trainer
+    starting right then away); None where that cannot be told."""
+    try:
+        st = lock.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        fields = line.split()
+        if "FLOCK" not in fields or len(fields) < 6:
+            continue
+        # "FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ..."; the device numbers are
+        # left out: on overlay filesystems they differ from what stat() says
+        where = fields[fields.index("FLOCK") + 4].split(":")
+        if len(where) == 3 and where[2].isdigit() and int(where[2]) == st.st_ino:
+            return True
+    return False
+
+
 def _row(run: Path, scheduler: dict[str, str]) -> dict:
     status = json.loads((run / "status.json").read_text())
     result_file = run / "result.json"
@@ -99,6 +120,10 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
     queued = scheduler.get(str(run))
     if (queued and state not in _FINAL) or queued in ("CANCELLED", "TIMEOUT", "NODE_FAIL"):
         state = f"{state} ({queued.lower()})" if state != "created" else queued.lower()
+    elif state == "running" and not queued and _lock_held(run / ".train.lock") is False:
+        # killed without a word (SIGKILL, out of memory, a lost container): the same
+        # command resumes it from last.ckpt
+        state = "running (no process: killed? rerun to resume)"
     return {
         "run": str(run),
         "state": state,

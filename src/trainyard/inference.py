@@ -11,14 +11,13 @@ container, ``/work/outputs/...``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
+from trainyard.checkpoints import find_checkpoint
 from trainyard.data.preprocess import Preprocess
 from trainyard.errors import CheckpointError
 
@@ -52,32 +51,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     checkpoint = find_checkpoint(Path(path))
     task = load_task(checkpoint, device)
     return Predictor(task.net, task.preprocess, checkpoint, torch.device(device))
-
-
-def find_checkpoint(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"{path} does not exist", fix="pass a run directory or a .ckpt")
-    checkpoints = path / "checkpoints"
-    for candidate in (_recorded_best(path), checkpoints / "best.ckpt", checkpoints / "last.ckpt"):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    raise CheckpointError(
-        f"{path} holds no checkpoint (no checkpoints/best.ckpt or last.ckpt)",
-        fix="pass the run directory of a trial that trained, or a .ckpt file",
-    )
-
-
-def _recorded_best(run: Path) -> Path | None:
-    """result.json's best checkpoint (its name may be configured), moved from the run
-    directory recorded in config.yaml, where it trained, to where the run lies now."""
-    try:
-        best = json.loads((run / "result.json").read_text())["best_checkpoint"]
-        config = yaml.load((run / "config.yaml").read_text(), Loader=yaml.SafeLoader)
-        return run / Path(best).relative_to(config["paths"]["run_dir"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
-        return None  # not recorded, or not below the run directory
 
 
 def load_task(checkpoint: Path, device: str | torch.device = "cpu"):

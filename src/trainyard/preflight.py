@@ -19,11 +19,12 @@ import math
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainyard.errors import ConfigError
+from trainyard.errors import ConfigError, TrainyardError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PRECISIONS = {
@@ -71,6 +72,26 @@ def _fraction(cfg: DictConfig, key: str, example: float, low: float = 0.0) -> No
         )
 
 
+def init_source(cfg: DictConfig) -> Path | None:
+    """The checkpoint ``init_from`` names (a run directory's best), or None."""
+    value = cfg.get("init_from")
+    if value in (None, ""):
+        return None
+    from trainyard.checkpoints import find_checkpoint
+
+    path = Path(str(value))
+    if not path.is_absolute():
+        path = Path(str(OmegaConf.select(cfg, "paths.root_dir", default="."))) / path
+    try:
+        return find_checkpoint(path)
+    except TrainyardError as exc:
+        raise ConfigError(
+            f"init_from={value}: {exc.message}",
+            fix="init_from=<a run directory that trained, or a .ckpt file> (relative paths "
+            "start at paths.root_dir), or init_from=null",
+        ) from None
+
+
 def check_types(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("name"), str) or not _NAME.match(cfg.name):
         raise ConfigError(
@@ -79,6 +100,7 @@ def check_types(cfg: DictConfig) -> None:
             fix="name=my_experiment",
         )
     _int(cfg, "seed", 0, 42)
+    init_source(cfg)
     _int(cfg, "trainer.max_epochs", -1, 10, optional=True)
     _int(cfg, "trainer.max_steps", -1, 1000)
     _int(cfg, "trainer.num_nodes", 1, 1)
@@ -279,7 +301,7 @@ def check_constructible(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from trainyard.worker import build_net
+    from trainyard.worker import build_net, init_weights
 
     check_trainer_keys(cfg)
     with _constructing("data", "check the data.* settings"):
@@ -287,7 +309,8 @@ def check_constructible(cfg: DictConfig) -> None:
     classes = datamodule.num_classes
     # CheckpointError (a weights file) passes through: it is not a config value's fault
     with _constructing("model", "check the model.* settings (trainyard-train --help lists them)"):
-        build_net(cfg, datamodule)
+        net = build_net(cfg, datamodule)
+    init_weights(cfg, net)  # the weights init_from names fit this network
     with _constructing("loss", "check the loss.* settings (loss.label_smoothing in [0, 1])"):
         instantiate(cfg.loss)(torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
     param = torch.nn.Parameter(torch.zeros(2))

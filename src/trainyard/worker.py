@@ -270,6 +270,29 @@ def best_checkpoint(trainer) -> str | None:
     return None
 
 
+def init_weights(cfg: DictConfig, net) -> None:
+    """Start ``net`` from ``init_from``'s weights (every rank loads the same file); a network
+    that does not match them is a ConfigError naming both."""
+    from trainyard import preflight
+
+    source = preflight.init_source(cfg)
+    if source is None:
+        return
+    import torch
+
+    state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    weights = {k[4:]: v for k, v in state.get("state_dict", {}).items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"init_from={cfg.init_from}: {source} does not fit this network ({problem})",
+            fix="init_from a run of the same model and data (model.*, data input shape)",
+        ) from None
+    logging.getLogger("trainyard").info("network weights from %s", source)
+
+
 def apply_dist_environment(cfg: DictConfig) -> None:
     """Set ``dist.*`` debug switches before the process group starts. torch.distributed
     reads TORCH_DISTRIBUTED_DEBUG when it is imported, which has happened by now: it is
@@ -326,6 +349,8 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = checked_resume_path(run)
     datamodule, task, trainer = build(cfg, run, accelerator, devices)
+    if ckpt_path is None:  # a resume has the weights it reached in last.ckpt
+        init_weights(cfg, task.net)
     if trainer.world_size == 1:  # several ranks agree on it at train start instead
         signals.raise_if_requested("before training started")
     if rank == 0:

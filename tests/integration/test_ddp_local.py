@@ -36,6 +36,25 @@ def test_two_ranks_train_one_trial_in_one_directory(tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["world_size"] == 2
     assert not list(tmp_path.glob("outputs/**/multirun.yaml"))
+    _test_metrics_count_every_sample_once(run, result["metrics"]["test/acc"])
+
+
+def _test_metrics_count_every_sample_once(run: Path, reported: float) -> None:
+    """The 2 ranks split the 359 test images 180/179 without padding: their test/acc is
+    what one process gets from the same checkpoint on the same split, a count of 359."""
+    import torch
+    from hydra.utils import instantiate
+
+    import trainyard
+    from trainyard.freeze import load_frozen
+
+    data = instantiate(load_frozen(run / "config.yaml").data)
+    data.setup("test")
+    x, y = data.test_set.tensors
+    model = trainyard.load(run)
+    with torch.inference_mode():
+        correct = int((model.net(x).argmax(1) == y).sum())
+    assert len(y) == 359 and abs(reported - correct / 359) < 1e-6, (reported, correct)
 
 
 def test_sweep_of_ddp_trials_keeps_every_rank_on_its_trial(tmp_path):

@@ -23,6 +23,16 @@ def _wait_for(predicate, timeout: float, proc=None) -> None:
         time.sleep(0.05)
 
 
+def _cli_status(root: Path) -> list[dict]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "trainyard.cli", "status", "--json",
+                          str(root / "outputs")], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def _status(run: Path) -> dict:
     return json.loads((run / "status.json").read_text())
 
@@ -64,10 +74,14 @@ def test_killed_run_resumes_from_last_ckpt_and_a_corrupt_one_is_left_alone(tmp_p
     runs = tmp_path / "outputs" / "resume" / "runs"
     last = lambda: next(runs.glob("*/checkpoints/last.ckpt"), None)  # noqa: E731
     _wait_for(lambda: last() is not None, 120, proc)
+    alive = _cli_status(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     run = last().parents[1]
     assert _status(run)["state"] == "running"  # what a crash leaves behind
+    # trainyard status tells the two apart: nobody holds the trial's lock any more
+    assert alive[0]["state"] == "running"
+    assert _cli_status(tmp_path)[0]["state"].startswith("running (no process: killed?")
 
     good = last().read_bytes()
     last().write_bytes(good[: len(good) // 2])  # as if the disk filled up mid-write
@@ -264,3 +278,41 @@ def test_help_says_what_trainyard_is_and_how_to_complete_in_the_shell(tmp_path):
     expected = ["trainyard-train: train a model", "Exit codes", "model: cnn, mlp",
                 "trainer.max_epochs=10", "-sc install=bash", "== The composed config"]  # fmt: skip
     assert [text for text in expected if text not in out.stdout] == []
+
+
+def _first_epoch_acc(run: Path) -> float:
+    import csv
+
+    [metrics] = list((run / "logs").glob("version_*/metrics.csv"))
+    return next(float(r["val/acc"]) for r in csv.DictReader(metrics.open()) if r["val/acc"])
+
+
+def test_init_from_starts_a_new_trial_from_an_earlier_runs_weights(tmp_path):
+    base = train_cli(["name=base", "trainer.max_epochs=3"], tmp_path)
+    assert base.returncode == 0, base.stderr
+    [earlier] = run_dirs(tmp_path)
+    source = earlier.relative_to(tmp_path)  # relative: taken from paths.root_dir
+    longer = train_cli(["name=base", f"init_from={source}", "trainer.max_epochs=1"], tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    [run] = [r for r in run_dirs(tmp_path) if r != earlier]
+    assert f"network weights from {earlier}/checkpoints/best.ckpt" in longer.stdout
+    # a trained start: its first epoch beats the fresh start's first epoch
+    assert _first_epoch_acc(run) > _first_epoch_acc(earlier)
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["init_from=outputs/nothing/here"], "init_from=outputs/nothing/here: "),
+        (["model=mlp", "init_from={earlier}"], "does not fit this network"),
+    ],
+)
+def test_an_init_from_that_cannot_start_this_network_exits_2(tmp_path, overrides, says):
+    base = train_cli(["name=base", "trainer.max_epochs=1"], tmp_path)
+    assert base.returncode == 0, base.stderr
+    [earlier] = run_dirs(tmp_path)
+    args = [o.format(earlier=earlier) for o in overrides]
+    out = train_cli(["name=other", *args], tmp_path)
+    assert out.returncode == EXIT_CONFIG and says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and run_dirs(tmp_path) == [earlier]

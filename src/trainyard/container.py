@@ -116,6 +116,18 @@ def check_writable(directory: Path) -> None:
         ) from None
 
 
+def warn_unmounted(directory: Path) -> str | None:
+    """Runs written inside the container's own filesystem are lost with it: say so (a
+    warning, not an error: a throwaway smoke test may mean it)."""
+    if directory.is_mount() or os.environ.get("TRAINYARD_EPHEMERAL_OK") == "1":
+        return None
+    return (
+        f"trainyard-entry: warning: {directory} is not a mounted volume: the run directories "
+        "written there are lost when the container goes (podman run -v DIR:"
+        f"{directory}:U ...; TRAINYARD_EPHEMERAL_OK=1 silences this)"
+    )
+
+
 def _config_dirs(argv: list[str]) -> list[tuple[str, Path]]:
     """Config directories the command names (Hydra's --config-dir/-cd, TRAINYARD_CONF)."""
     found = []
@@ -177,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         if Path(argv[0]).name in _TRAINING and not set(argv) & _INFO_FLAGS:
             check_driver(driver, cuda)
             check_config_dirs(argv)
-            check_writable(Path(os.environ.get("TRAINYARD_ROOT", os.getcwd())))
+            output = Path(os.environ.get("TRAINYARD_ROOT", os.getcwd()))
+            check_writable(output)
+            warning = warn_unmounted(output)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         elif _is_cluster_task(argv):
             check_driver(driver, cuda)
     except EntryError as exc:

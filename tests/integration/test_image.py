@@ -119,6 +119,7 @@ def test_the_entrypoint_trains_the_default_on_a_mounted_volume(cpu_image, tmp_pa
     out = _run(cpu_image, volume, "trainyard-train", *SHORT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trainyard-entry: trainyard" in out.stderr and "torch 2.14.1" in out.stderr
+    assert "is not a mounted volume" not in out.stderr
     [result] = list(volume.glob("outputs/default/runs/*/result.json"))
     run = result.parent
     assert json.loads((run / "status.json").read_text())["state"] == "completed"

@@ -182,3 +182,11 @@ def test_slurm_jobs_run_the_image_of_the_submitting_commit(tmp_path, monkeypatch
     assert "cluster.container.image" in info.value.message
     pyxis["container"]["allow_dirty"] = True
     assert slurm._container_srun_args(pyxis)[0].endswith(f"{_commit(repo)}-dirty-cpu")
+
+
+def test_an_output_directory_that_is_not_a_volume_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRAINYARD_EPHEMERAL_OK", raising=False)
+    assert "is not a mounted volume" in container.warn_unmounted(tmp_path)
+    assert container.warn_unmounted(Path("/proc")) is None  # a mount point
+    monkeypatch.setenv("TRAINYARD_EPHEMERAL_OK", "1")
+    assert container.warn_unmounted(tmp_path) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -120,10 +121,17 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
     queued = scheduler.get(str(run))
     if (queued and state not in _FINAL) or queued in ("CANCELLED", "TIMEOUT", "NODE_FAIL"):
         state = f"{state} ({queued.lower()})" if state != "created" else queued.lower()
-    elif state == "running" and not queued and _lock_held(run / ".train.lock") is False:
+    elif (
+        state == "running"
+        and not queued
+        and last.get("host") == socket.gethostname()
+        and (_lock_held(run / ".train.lock") is False)
+    ):
         # killed without a word (SIGKILL, out of memory, a lost container): the same
         # command resumes it from last.ckpt
         state = "running (no process: killed? rerun to resume)"
+    if state == "completed" and result.get("reused_from"):
+        state = "completed (reused)"
     return {
         "run": str(run),
         "state": state,
@@ -140,9 +148,12 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    path = Path(args.path).resolve()  # submission.json records absolute paths
+    # outputs/ where trainyard-train puts it: under $TRAINYARD_ROOT, else here
+    default = Path(os.environ.get("TRAINYARD_ROOT") or ".") / "outputs"
+    path = Path(args.path or default).resolve()  # submission.json records absolute paths
     if not path.exists():
-        print(f"trainyard: {path} does not exist", file=sys.stderr)
+        print(f"trainyard: {path} does not exist\n  fix: trainyard status <a run, sweep or "
+              "outputs directory>", file=sys.stderr)  # fmt: skip
         return EXIT_CONFIG
     scheduler = _scheduler_states(path)
     rows = [_row(run, scheduler) for run in _run_dirs(path)]
@@ -202,7 +213,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     def show(backend, record, job_id, file):
         print(backend.logs(job_id, Path(record["log_dir"])), end="")
 
-    return _each_submission(Path(args.path), show)
+    path = Path(args.path).resolve()
+    if not _submissions(path):  # trained here (trainyard-train): each run's own log
+        logs = [run / "train.log" for run in _run_dirs(path) if (run / "train.log").exists()]
+        for log in logs:
+            print(f"==> {log} <==\n{log.read_text()}", end="")
+        if logs:
+            return 0
+    return _each_submission(path, show)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -229,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="state of a run, or of every run below a directory")
     status.add_argument(
-        "path", nargs="?", default="outputs",
-        help="a run, sweep or output directory (default: outputs)",
+        "path", nargs="?", default=None,
+        help="a run, sweep or output directory (default: $TRAINYARD_ROOT/outputs, or outputs)",
     )  # fmt: skip
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)

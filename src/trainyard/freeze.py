@@ -84,7 +84,20 @@ def freeze(cfg: DictConfig) -> DictConfig:
         ) from exc
     if names:
         _refuse_leaked_secrets(frozen, names)
+    _absolute_init_from(frozen)
     return frozen
+
+
+def _absolute_init_from(frozen: DictConfig) -> None:
+    """``init_from`` as one absolute path, however it was spelt (relative to
+    paths.root_dir, a trailing slash): it is part of the trial's identity."""
+    value = frozen.get("init_from")
+    if not isinstance(value, str) or not value:
+        return
+    path = Path(value)
+    if not path.is_absolute():
+        path = Path(str(OmegaConf.select(frozen, "paths.root_dir", default=os.getcwd()))) / path
+    frozen.init_from = os.path.normpath(path)
 
 
 def _refuse_leaked_secrets(frozen: DictConfig, names: set[str]) -> None:

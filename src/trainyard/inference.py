@@ -48,6 +48,8 @@ class Predictor:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """Load a run directory's best checkpoint (else its last), or a checkpoint file."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but no CUDA GPU is visible here: use device='cpu'")
     checkpoint = find_checkpoint(Path(path))
     task = load_task(checkpoint, device)
     return Predictor(task.net, task.preprocess, checkpoint, torch.device(device))

@@ -86,7 +86,7 @@ def init_source(cfg: DictConfig) -> Path | None:
         return find_checkpoint(path)
     except TrainyardError as exc:
         raise ConfigError(
-            f"init_from={value}: {exc.message}",
+            f"init_from: {exc.message}",
             fix="init_from=<a run directory that trained, or a .ckpt file> (relative paths "
             "start at paths.root_dir), or init_from=null",
         ) from None
@@ -101,6 +101,7 @@ def check_types(cfg: DictConfig) -> None:
         )
     _int(cfg, "seed", 0, 42)
     init_source(cfg)
+    check_trainer_keys(cfg)
     _int(cfg, "trainer.max_epochs", -1, 10, optional=True)
     _int(cfg, "trainer.max_steps", -1, 1000)
     _int(cfg, "trainer.num_nodes", 1, 1)
@@ -274,19 +275,30 @@ def _constructing(what: str, fix: str) -> Iterator[None]:
         raise ConfigError(f"{what} refuses this config: {exc}", fix=fix) from exc
 
 
+# The arguments of Lightning's Trainer (2.6.6; a unit test compares them with the installed
+# Lightning), listed so that `trainyard submit` checks trainer.* keys without importing it.
+TRAINER_ARGS = frozenset({
+    "accelerator", "accumulate_grad_batches", "barebones", "benchmark", "callbacks",
+    "check_val_every_n_epoch", "default_root_dir", "detect_anomaly", "deterministic",
+    "devices", "enable_autolog_hparams", "enable_checkpointing", "enable_model_summary",
+    "enable_progress_bar", "fast_dev_run", "gradient_clip_algorithm", "gradient_clip_val",
+    "inference_mode", "limit_predict_batches", "limit_test_batches", "limit_train_batches",
+    "limit_val_batches", "log_every_n_steps", "logger", "max_epochs", "max_steps", "max_time",
+    "min_epochs", "min_steps", "model_registry", "num_nodes", "num_sanity_val_steps",
+    "overfit_batches", "plugins", "precision", "profiler", "reload_dataloaders_every_n_epochs",
+    "strategy", "sync_batchnorm", "use_distributed_sampler", "val_check_interval",
+})  # fmt: skip
+
+
 def check_trainer_keys(cfg: DictConfig) -> None:
     """Every trainer.* key is an argument of Lightning's Trainer: a misspelt one added with
-    ``+`` (``+trainer.max_epoch=1``) is refused here, not after the data is loaded."""
+    ``+`` (``+trainer.max_epoch=1``) is refused before anything is prepared."""
     import difflib
-    import inspect
 
-    import pytorch_lightning as pl
-
-    known = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     for key in cfg.trainer:
-        if key == "_target_" or key in known:
+        if key == "_target_" or key in TRAINER_ARGS:
             continue
-        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        close = difflib.get_close_matches(str(key), sorted(TRAINER_ARGS), n=1)
         hint = f"trainer.{close[0]}" if close else "a Lightning Trainer argument"
         raise ConfigError(
             f"trainer.{key} is not an argument of Lightning's Trainer",
@@ -303,14 +315,13 @@ def check_constructible(cfg: DictConfig) -> None:
 
     from trainyard.worker import build_net, init_weights
 
-    check_trainer_keys(cfg)
     with _constructing("data", "check the data.* settings"):
         datamodule = instantiate(cfg.data)
     classes = datamodule.num_classes
     # CheckpointError (a weights file) passes through: it is not a config value's fault
     with _constructing("model", "check the model.* settings (trainyard-train --help lists them)"):
         net = build_net(cfg, datamodule)
-    init_weights(cfg, net)  # the weights init_from names fit this network
+    init_weights(cfg, net, quiet=True)  # the weights init_from names fit this network
     with _constructing("loss", "check the loss.* settings (loss.label_smoothing in [0, 1])"):
         instantiate(cfg.loss)(torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
     param = torch.nn.Parameter(torch.zeros(2))

@@ -77,9 +77,21 @@ def _canonical(override: str) -> str:
     key = parsed.key_or_group + (f"@{parsed.package}" if parsed.package else "")
     if parsed.is_delete():
         return f"~{key}"
-    if parsed.is_sweep_override():  # a sweep's own key: its spelling is its identity
-        return f"{key}={parsed.get_value_string()}"
+    if parsed.is_sweep_override():  # a sweep's own key
+        from hydra.core.override_parser.types import ChoiceSweep
+
+        sweep = parsed.value()
+        if isinstance(sweep, ChoiceSweep) and not sweep.shuffle and not sweep.tags:
+            # a list of values: their order and spelling do not make another sweep
+            values = (
+                v if isinstance(v, str) else json.dumps(v, sort_keys=True) for v in sweep.list
+            )
+            return f"{key}={','.join(sorted(values))}"
+        return f"{key}={parsed.get_value_string()}"  # ranges, intervals: as written
     value = parsed.value()
+    if key == "init_from" and isinstance(value, str) and value:  # a path: one spelling
+        root = os.environ.get("TRAINYARD_ROOT") or os.getcwd()  # paths.root_dir's default
+        value = os.path.normpath(os.path.join(root, value))
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return f"{key}={text}"
 

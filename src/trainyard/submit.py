@@ -234,7 +234,7 @@ def submit_planned(
         backend = backends.get(job.cluster.get("backend", "local"))
         with phase("write run directories"):
             # the dry run leaves out what a submission would leave out, writing nothing
-            job.trials = _still_to_train(job) if dry_run else _write(job, by_dir)
+            job.trials = _still_to_train(job, by_dir) if dry_run else _write(job, by_dir)
         if not job.trials:
             continue
         for request in backend.render(job):
@@ -258,15 +258,23 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _still_to_train(job: Any) -> list[Path]:
+def _still_to_train(job: Any, by_dir: dict[Path, Checked]) -> list[Path]:
     """The job's trials a submission would send now (read-only: for the dry run)."""
+    from omegaconf import OmegaConf
+
     from trainyard.rundir import RunDir
+    from trainyard.trial import completed_twin
 
     queued = _queued(job.log_dir)
     out = []
     for trial in job.trials:
-        if RunDir(trial).state == "completed" and RunDir(trial).result_file.exists():
+        run, checked = RunDir(trial), by_dir[trial]
+        frozen = lambda c=checked: OmegaConf.create(c.data())  # noqa: E731
+        twin = completed_twin(run, frozen) if not run.root.exists() else None
+        if run.state == "completed" and run.result_file.exists():
             print(f"trainyard: {trial} already completed; would not be submitted again")
+        elif twin is not None:
+            print(f"trainyard: {trial} already completed as {twin.root}; would be reused")
         elif trial not in queued:
             out.append(trial)
     return out

@@ -68,7 +68,7 @@ def open_trial(frozen: DictConfig, run_dir: str | Path, overrides: list[str]) ->
         run.transition("created")
         twin = completed_twin(run, lambda: frozen)
         if twin is not None:
-            reuse(run, twin)
+            reuse(run, twin, frozen)
             return Trial(run, frozen, completed=True)
         return Trial(run, frozen, completed=False)
     return _pick_up(run, frozen)
@@ -92,30 +92,50 @@ def completed_twin(run: RunDir, frozen: Callable[[], DictConfig]) -> RunDir | No
     """A completed trial of this experiment with the same key and the same identity (an
     earlier sweep that this one extends, or a single run): found, it is reused, not
     trained again. Its settings that do not define a trial (paths, logger, ...) may differ.
-    ``frozen`` gives this trial's config, built only when there is a candidate."""
+    ``frozen`` gives this trial's config, built only when there is a candidate. A twin
+    that was itself reused leads to the trial that trained."""
     for candidate in _experiment_dirs(run):
         twin = RunDir(candidate)
-        if twin.state != "completed" or not twin.result_file.exists():
-            continue
         try:
+            if twin.state != "completed" or not twin.result_file.exists():
+                continue
+            origin = read_json(twin.result_file).get("reused_from")
+            if origin and RunDir(origin).result_file.exists():
+                twin = RunDir(origin)
             if not identity_changes(load_frozen(twin.config), frozen()):
                 return twin
-        except (OSError, ValueError):  # unreadable: not a twin to trust
+        except Exception:  # a broken sibling is not a twin, and not this trial's error
             continue
     return None
 
 
-def reuse(run: RunDir, twin: RunDir) -> None:
-    """Make ``run`` a completed trial whose result and checkpoints are ``twin``'s: its
-    result.json is copied (saying where it came from) and checkpoints/ links to the twin's
-    (a relative link: moving the experiment directory keeps it valid)."""
+def reuse(run: RunDir, twin: RunDir, asked: DictConfig | None = None) -> None:
+    """Make ``run`` a completed trial with ``twin``'s result and checkpoints: result.json is
+    copied (saying where it came from, its best checkpoint re-rooted here) and each
+    checkpoint file hard-linked (copied across filesystems), so deleting the earlier sweep
+    later loses nothing and takes no disk twice."""
     result = read_json(twin.result_file)
     result["reused_from"] = str(twin.root)
-    if twin.checkpoints.is_dir() and not run.checkpoints.exists():
-        run.checkpoints.symlink_to(os.path.relpath(twin.checkpoints, run.root))
+    best = result.get("best_checkpoint")
+    if twin.checkpoints.is_dir():
+        run.checkpoints.mkdir(exist_ok=True)
+        for file in twin.checkpoints.iterdir():
+            if file.is_file() and not (run.checkpoints / file.name).exists():
+                _link_or_copy(file, run.checkpoints / file.name)
+        if best and Path(best).parent == twin.checkpoints:
+            result["best_checkpoint"] = str(run.checkpoints / Path(best).name)
     write_json(run.result_file, result)
     run.transition("completed", reused_from=str(twin.root), metric=result.get("value"))
     log.info("%s already completed as %s: reused, not trained again", run.root, twin.root)
+    if asked is not None:
+        _say_logger_unchanged(twin, load_frozen(twin.config), asked)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target)
 
 
 def open_trial_data(
@@ -145,7 +165,7 @@ def open_trial_data(
             os.rename(staging, run.root)
             twin = completed_twin(run, lambda: OmegaConf.create(data()))
             if twin is not None:
-                reuse(run, twin)
+                reuse(run, twin, OmegaConf.create(data()))
             return twin is not None
         except OSError:
             if not run.root.exists():
@@ -172,7 +192,11 @@ def _pick_up(run: RunDir, frozen: DictConfig) -> Trial:
             fix="name=<new name> to train the new config, or remove the old run directory",
         )
     if run.state == "completed" and run.result_file.exists():
-        _say_logger_unchanged(run, existing, frozen)
+        origin = read_json(run.result_file).get("reused_from")
+        if origin and (Path(origin) / "config.yaml").exists():  # its logs are there
+            _say_logger_unchanged(RunDir(origin), load_frozen(Path(origin) / "config.yaml"), frozen)
+        else:
+            _say_logger_unchanged(run, existing, frozen)
         return Trial(run, existing, completed=True)
     operational = _flat_changes(existing, frozen)
     if operational:
@@ -188,7 +212,7 @@ def _say_logger_unchanged(run: RunDir, existing: DictConfig, asked: DictConfig) 
     nothing: say where its metrics are and how to get them logged the other way."""
     before = OmegaConf.select(existing, "logger._target_", default=None)
     now = OmegaConf.select(asked, "logger._target_", default=None)
-    if before == now:
+    if before == now or now is None:  # logger=none asks for nothing to be written
         return
     kept = sorted(run.root.glob("logs/version_*/metrics.csv")) or sorted(
         run.root.glob("logs/version_*")

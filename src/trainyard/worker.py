@@ -7,12 +7,14 @@ see argv or Hydra overrides, so they cannot disagree about hyperparameters.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -54,18 +56,37 @@ def _quiet_lightning() -> None:
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
-def log_to_run_dir(run: RunDir, rank: int) -> None:
-    """A rank started outside Hydra (by trainyard's launcher, srun or torchrun) logs like
-    a Hydra run: rank 0 to the console and to the run's ``train.log``, so the epoch, test
-    and stop lines are kept there however the ranks were started."""
-    root = logging.getLogger()
-    if rank != 0 or root.handlers:  # Hydra configured this process: it writes train.log
+@contextlib.contextmanager
+def run_logging(run: RunDir, rank: int) -> Iterator[None]:
+    """While rank 0 trains, the ``trainyard`` lines (epochs, test, stops) reach the run's
+    ``train.log`` and the console however the ranks were started: Hydra already writes
+    that file for a run it started; a rank started by trainyard's launcher, srun or
+    torchrun, or a process that trains several trials in turn, gets a handler for this
+    run only, removed when it ends."""
+    if rank != 0:
+        yield
         return
-    formatter = logging.Formatter(_LOG_FORMAT)
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.root / "train.log")):
-        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    target = (run.root / "train.log").resolve()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    added: list[logging.Handler] = []
+    if not any(Path(h.baseFilename).resolve() == target for h in files):
+        added.append(logging.FileHandler(target))
+    if len(root.handlers) == len(files):  # no console yet
+        added.append(logging.StreamHandler(sys.stdout))
+    level = root.level
+    for handler in added:
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    if added and (level == logging.NOTSET or level > logging.INFO):
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
 
 
 def prepare_process() -> None:
@@ -140,7 +161,9 @@ def task_specs(cfg: DictConfig, datamodule) -> dict[str, dict | None]:
 
     def plain(key: str) -> dict | None:
         node = cfg.get(key)
-        return OmegaConf.to_container(node, resolve=True) if node else None
+        # unresolved: an ${oc.env:...} secret that config.yaml keeps as a reference must not
+        # be written into checkpoints resolved (a spec left with it is not recorded)
+        return OmegaConf.to_container(node, resolve=False) if node else None
 
     net = {k: v for k, v in plain("model").items() if k != "_partial_"}
     net.update(input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
@@ -270,9 +293,10 @@ def best_checkpoint(trainer) -> str | None:
     return None
 
 
-def init_weights(cfg: DictConfig, net) -> None:
-    """Start ``net`` from ``init_from``'s weights (every rank loads the same file); a network
-    that does not match them is a ConfigError naming both."""
+def init_weights(cfg: DictConfig, net, quiet: bool = False) -> None:
+    """Start ``net`` from ``init_from``'s weights (every rank loads the same file); a file
+    that is not a trainyard checkpoint, or weights that do not fit the network, are a
+    ConfigError naming what differs."""
     from trainyard import preflight
 
     source = preflight.init_source(cfg)
@@ -280,17 +304,33 @@ def init_weights(cfg: DictConfig, net) -> None:
         return
     import torch
 
-    state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    weights = {k[4:]: v for k, v in state.get("state_dict", {}).items() if k.startswith("net.")}
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(
+            f"init_from={cfg.init_from}: {source} {problem}",
+            fix="init_from a run (or .ckpt) of the same model and data, or init_from=null",
+        )
+
     try:
-        net.load_state_dict(weights)
-    except RuntimeError as exc:
-        problem = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"init_from={cfg.init_from}: {source} does not fit this network ({problem})",
-            fix="init_from a run of the same model and data (model.*, data input shape)",
-        ) from None
-    logging.getLogger("trainyard").info("network weights from %s", source)
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise refuse(f"cannot be read as a checkpoint ({str(exc).splitlines()[0]})") from None
+    found = state.get("state_dict", {}) if isinstance(state, dict) else {}
+    weights = {k[4:]: v for k, v in found.items() if k.startswith("net.")}
+    if not weights:
+        raise refuse("holds no network weights (net.*): not a trainyard checkpoint")
+    try:
+        result = net.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise refuse(f"does not fit this network: {'; '.join(sizes[:3]) or exc}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise refuse(
+            f"does not fit this network: {len(result.missing_keys)} weights missing "
+            f"({', '.join(result.missing_keys[:3])}), {len(result.unexpected_keys)} "
+            f"unexpected ({', '.join(result.unexpected_keys[:3])})"
+        )
+    if not quiet:
+        logging.getLogger("trainyard").info("network weights from %s", source)
 
 
 def apply_dist_environment(cfg: DictConfig) -> None:
@@ -322,7 +362,11 @@ def run_rank(config_path: str) -> float | None:
     digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16]
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     run.write_rank_info(rank, local_rank=local_rank, config_sha256=digest)
-    log_to_run_dir(run, rank)
+    with run_logging(run, rank):
+        return _run_rank(cfg, run, rank)
+
+
+def _run_rank(cfg: DictConfig, run: RunDir, rank: int) -> float | None:
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)

@@ -59,6 +59,30 @@ def test_extending_a_sweep_reuses_the_trials_that_completed(tmp_path):
         else:
             assert "running" in _states(run) and "lr-0.003" in run.name
     assert more.stdout.count("reused, not trained again") == 2
+    import subprocess
+    import sys
+
+    status = subprocess.run([sys.executable, "-m", "trainyard.cli", "status", "--json",
+                             str(later[0].parent)], capture_output=True, text=True)  # fmt: skip
+    states = sorted(row["state"] for row in json.loads(status.stdout))
+    assert states == ["completed", "completed (reused)", "completed (reused)"], status.stderr
+    # a third sweep leads back to the trials that trained, and deleting the first sweep
+    # loses nothing: the reused checkpoints are files of their own (hard links)
+    third = train_cli([*args, "optimizer.lr=1e-3,4e-3"], tmp_path)
+    assert third.returncode == 0, third.stderr
+    [again] = [r for r in run_dirs(tmp_path) if "lr-0.001" in r.name and r.parent not in
+               {earlier[r.name].parent, *(x.parent for x in later)}]  # fmt: skip
+    origin = json.loads((again / "result.json").read_text())["reused_from"]
+    assert origin == str(earlier[again.name])
+    import shutil
+
+    import trainyard
+
+    shutil.rmtree(earlier[again.name].parent)
+    for run in (again, *[r for r in later if r.name in earlier]):
+        result = json.loads((run / "result.json").read_text())
+        assert result["best_checkpoint"].startswith(str(run))
+        assert trainyard.load(run).checkpoint.parent == run / "checkpoints"
     # a single run of a trial a sweep completed is found too
     single = train_cli(["name=ext", "trainer.max_epochs=1", "optimizer.lr=3e-3"], tmp_path)
     assert single.returncode == 0, single.stderr

@@ -1,6 +1,7 @@
 """The real entrypoint, as users run it: subprocesses, real files, real exit codes."""
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -220,6 +221,15 @@ def test_status_command_reads_run_directories(tmp_path):
     [row] = json.loads(status.stdout)
     assert row["state"] == "completed" and row["attempt"] == 1
     assert row["test_metric"] == "test/acc" and 0 < row["test"] <= 1
+    # with no path: outputs/ where trainyard-train put it ($TRAINYARD_ROOT), from anywhere
+    env = {**os.environ, "TRAINYARD_ROOT": str(tmp_path)}
+    anywhere = subprocess.run([sys.executable, "-m", "trainyard.cli", "status", "--json"],
+                              capture_output=True, text=True, env=env, cwd="/")  # fmt: skip
+    assert json.loads(anywhere.stdout) == json.loads(status.stdout), anywhere.stderr
+    # and the log of a run trained here is its train.log
+    logs = subprocess.run([sys.executable, "-m", "trainyard.cli", "logs", row["run"]],
+                          capture_output=True, text=True)  # fmt: skip
+    assert logs.returncode == 0 and "epoch 1/1" in logs.stdout, logs.stderr
 
 
 def test_cli_does_not_import_torch():
@@ -259,9 +269,14 @@ def test_early_stopping_says_why_it_stopped(tmp_path):
     assert out.returncode == 0, out.stderr
     [run] = run_dirs(tmp_path)
     stopped = [line for line in out.stdout.splitlines() if "early stopping after epoch" in line]
-    assert len(stopped) == 1 and "did not improve for 1 epochs" in stopped[0]
+    assert len(stopped) == 1 and "did not improve in the last 1 records" in stopped[0]
     assert "epoch 30/30" not in out.stdout
     assert "early stopping after epoch" in (run / "train.log").read_text()
+    # a threshold reached stops it too, and says so (after the first epoch: no patience)
+    out = train_cli(["name=threshold", "trainer.max_epochs=30",
+                     "+callbacks.early_stopping.stopping_threshold=0.5"], tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "early stopping after epoch 1: Stopping threshold reached" in out.stdout
 
 
 def test_a_misspelt_trainer_key_is_refused_before_anything_starts(tmp_path):
@@ -299,13 +314,19 @@ def test_init_from_starts_a_new_trial_from_an_earlier_runs_weights(tmp_path):
     # a trained start: its first epoch beats the fresh start's first epoch
     assert _first_epoch_acc(run) > _first_epoch_acc(earlier)
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert longer.stdout.count("network weights from") == 1
+    # the same path spelt another way (absolute, a trailing slash) is the same trial
+    again = train_cli(["name=base", f"init_from={earlier}/", "trainer.max_epochs=1"], tmp_path)
+    assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
+    assert len(run_dirs(tmp_path)) == 2
 
 
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["init_from=outputs/nothing/here"], "init_from=outputs/nothing/here: "),
+        (["init_from=outputs/nothing/here"], "outputs/nothing/here does not exist"),
         (["model=mlp", "init_from={earlier}"], "does not fit this network"),
+        (["init_from={earlier}/config.yaml"], "cannot be read as a checkpoint"),
     ],
 )
 def test_an_init_from_that_cannot_start_this_network_exits_2(tmp_path, overrides, says):

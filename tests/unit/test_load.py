@@ -3,6 +3,7 @@ input preprocessing it was trained with, wherever it now lies, without the datas
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,19 @@ def test_a_checkpoint_cannot_name_arbitrary_code_to_run(trained, tmp_path):
     torch.save(ckpt, tmp_path / "nested.ckpt")
     with pytest.raises(ValueError, match=r"os\.getcwd"):
         Classifier.load_from_checkpoint(tmp_path / "nested.ckpt")
+    # an interpolation would be resolved by Hydra into a new, unchecked target
+    marker = tmp_path / "pwned"
+    smuggled = "${oc.create:{_target_: builtins.open, _args_: ['" + str(marker) + "', 'w']}}"
+    for hostile in (
+        {**nested, "hidden": [16], "dropout": smuggled},
+        {**nested, "hidden": [16], "_convert_": "all", "_recursive_": False},
+        {"_target_": "this.Anything"},  # naming a module imports it: refused before that
+    ):
+        ckpt["hyper_parameters"]["net"] = hostile
+        torch.save(ckpt, tmp_path / "smuggled.ckpt")
+        with pytest.raises(ValueError, match=r"interpolation|may steer|trusted package"):
+            Classifier.load_from_checkpoint(tmp_path / "smuggled.ckpt")
+    assert not marker.exists() and "this" not in sys.modules
 
 
 def test_a_pretrained_weights_file_is_not_needed_to_load(tmp_path):
@@ -248,3 +262,9 @@ def test_a_pretrained_weights_file_is_not_needed_to_load(tmp_path):
     spec = {"_target_": "trainyard.models.ResNet18", "weights": "/gone/resnet18.pth",
             "input_shape": [3, 32, 32], "num_classes": 10}  # fmt: skip
     assert architecture(spec)["weights"] is None and spec["weights"] == "/gone/resnet18.pth"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: nothing to refuse")
+def test_a_cuda_device_without_a_gpu_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="use device='cpu'"):
+        trainyard.load(tmp_path, device="cuda")

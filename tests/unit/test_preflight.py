@@ -131,3 +131,18 @@ def test_a_debug_switch_the_variable_would_not_take_is_refused(cfg_factory, over
     with pytest.raises(ConfigError, match=r"is not a value .* takes") as info:
         preflight.check_config(freeze(cfg_factory(override)), build=False)
     assert "or null" in info.value.fix
+
+
+def test_the_trainer_arguments_known_without_lightning_are_lightnings():
+    import inspect
+
+    import pytorch_lightning as pl
+
+    signature = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    assert signature == preflight.TRAINER_ARGS  # Lightning changed: update TRAINER_ARGS
+
+
+def test_a_misspelt_trainer_key_is_refused_without_building_anything(cfg_factory):
+    with pytest.raises(ConfigError, match=r"trainer\.max_epoch is not an argument") as info:
+        preflight.check_config(freeze(cfg_factory("+trainer.max_epoch=1")), build=False)
+    assert info.value.fix.startswith("trainer.max_epochs")

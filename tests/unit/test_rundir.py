@@ -87,3 +87,10 @@ def test_concurrent_transitions_lose_no_history(tmp_path):
         proc.join(60)
         assert proc.exitcode == 0
     assert len(RunDir(tmp_path).status()["history"]) == 100
+
+
+def test_a_sweeps_key_does_not_depend_on_the_order_or_spelling_of_its_values():
+    one = trial_key(["optimizer.lr=1e-3,1e-2", "trainer.max_epochs=2"])
+    assert trial_key(["trainer.max_epochs=2", "optimizer.lr=1e-2,1e-3"]) == one
+    assert trial_key(["optimizer.lr=0.01,0.001", "trainer.max_epochs=2"]) == one
+    assert trial_key(["optimizer.lr=1e-3,1e-1", "trainer.max_epochs=2"]) != one

@@ -57,13 +57,15 @@ class _Summary:
 
     def _stop_line(self, trainer) -> None:
         for callback in trainer.callbacks:
-            if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
-                best = float(callback.best_score)
+            if not isinstance(callback, EarlyStopping):
+                continue
+            reason = getattr(callback, "stopping_reason_message", None)
+            stopped = str(getattr(callback, "stopping_reason", "")).endswith("NOT_STOPPED")
+            if reason and not stopped:  # Lightning says why: patience, threshold, non-finite
                 self._say(
                     trainer,
-                    f"early stopping after epoch {trainer.current_epoch}: {callback.monitor} "
-                    f"did not improve for {callback.patience} epochs (best {best:.4g}); "
-                    f"callbacks.early_stopping.patience sets how long it waits",
+                    f"early stopping after epoch {trainer.current_epoch}: {reason} "
+                    "(callbacks.early_stopping.* sets when it stops)",
                 )
 
 
@@ -121,6 +123,12 @@ class TerminalProgressBar(_Summary, TQDMProgressBar):
 
     def get_metrics(self, trainer, pl_module):
         return self._bar_metrics(trainer, pl_module)
+
+    def _say(self, trainer, text: str) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not glued
+            super()._say(trainer, text)  # onto the live bar
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)

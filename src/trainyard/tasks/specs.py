@@ -6,6 +6,13 @@ any code. Building one is where a checkpoint could run code, as Lightning's own
 ``_instantiator`` guard knows: every ``_target_`` in a spec must name a class of the kind
 expected (a network's spec names ``nn.Module`` classes only), checked before anything is
 called. A spec that would not pass (a factory function, say) is not recorded at all.
+
+Hydra's instantiate would also resolve interpolations (``${oc.create:{_target_: ...}}`` is a
+new, unchecked target) and honour its other meta keys, and naming a module imports it: so a
+spec holds no interpolation and no meta key but ``_target_``, ``_partial_`` and ``_args_``,
+and a target's module must be one of :data:`TRUSTED_MODULES` before anything is imported.
+A network of your own package loads with ``net=`` passed (Lightning's rule for modules), or
+after adding the package here.
 """
 
 from __future__ import annotations
@@ -15,6 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# Packages whose classes a checkpoint's spec may name (checked before anything is imported).
+TRUSTED_MODULES: list[str] = ["torch", "torchvision", "trainyard"]
+
+_META = {"_target_", "_partial_", "_args_"}
 
 # What each argument of the task is, and so what its spec may name.
 KINDS: dict[str, tuple[type, ...]] = {
@@ -38,11 +50,37 @@ def _targets(spec: Any, top: bool = True):
             yield from _targets(value, top=False)
 
 
+def _plain(spec: Any, where: str = "spec") -> None:
+    """Plain data only: no interpolation to resolve, no meta key that changes building."""
+    if isinstance(spec, str) and "${" in spec:
+        raise ValueError(f"{where} holds an interpolation ({spec!r}): not plain data")
+    if isinstance(spec, Mapping):
+        for key, value in spec.items():
+            if str(key).startswith("_") and str(key).endswith("_") and key not in _META:
+                raise ValueError(f"{where}.{key}: only {sorted(_META)} may steer building")
+            _plain(value, f"{where}.{key}")
+    elif isinstance(spec, list | tuple):
+        for i, value in enumerate(spec):
+            _plain(value, f"{where}[{i}]")
+
+
+def _trusted(target: str) -> bool:
+    return any(target == m or target.startswith(f"{m}.") for m in TRUSTED_MODULES)
+
+
 def check(spec: Mapping, kinds: tuple[type, ...]) -> None:
-    """Refuse a spec whose target is not a class of ``kinds`` (nested ones: nn.Module)."""
+    """Refuse a spec whose target is not a class of ``kinds`` (nested ones: nn.Module) from
+    a trusted package, or that is not plain data."""
     from hydra.utils import get_class
 
+    _plain(spec)
     for target, top in _targets(spec):
+        if not _trusted(str(target)):
+            raise ValueError(
+                f"spec target {target!r} is not in a trusted package {TRUSTED_MODULES} "
+                "(pass the object itself, or add its package to "
+                "trainyard.tasks.specs.TRUSTED_MODULES)"
+            )
         allowed = kinds if top else (nn.Module,)
         try:
             cls = get_class(str(target))

@@ -78,7 +78,10 @@ def test_the_image_runs_as_its_user_with_labels_and_entrypoint(cpu_image):
     labels = config["Labels"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
+    # this commit's, also when an earlier build of another revision left its layers cached
     assert labels["org.opencontainers.image.revision"].startswith(commit)
+    stamp = _podman("run", "--rm", "--entrypoint=cat", cpu_image, "/opt/venv/trainyard-image.txt")
+    assert labels["org.opencontainers.image.revision"] in stamp.stdout
     assert labels["org.opencontainers.image.version"] == image.__version__
     assert labels["org.opencontainers.image.source"] == image.SOURCE
     assert config["User"] == "1000"  # numeric: runAsNonRoot can verify it

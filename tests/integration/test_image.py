@@ -117,6 +117,13 @@ def test_the_image_holds_no_compilers_caches_sources_or_secrets(cpu_image):
     assert user == "1000"
 
 
+def test_an_arbitrary_uid_in_group_0_can_train_as_openshift_runs_images(cpu_image):
+    out = _podman("run", "--rm", "--user=4242:0", cpu_image, "trainyard-train", *SHORT,
+                  check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "is not a mounted volume" in out.stderr  # /work of the image itself: said so
+
+
 def test_the_entrypoint_trains_the_default_on_a_mounted_volume(cpu_image, tmp_path):
     volume = _volume(tmp_path)
     out = _run(cpu_image, volume, "trainyard-train", *SHORT)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trainyard import __version__
 from trainyard.errors import EXIT_CONFIG
+from trainyard.rundir import RunDir
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -56,6 +57,7 @@ def _note_cancelled(file: Path, job_id: str, cancelled: str) -> None:
 def _scheduler_states(path: Path) -> dict[str, str]:
     """Trial directory -> the scheduler's state of its task, for submitted trials."""
     from trainyard import backends
+    from trainyard.backends.base import trial_states
 
     states: dict[str, str] = {}
     for record in _submissions(path):
@@ -63,13 +65,7 @@ def _scheduler_states(path: Path) -> dict[str, str]:
             tasks = backends.get(record["backend"]).status(record["job_id"])
         except Exception as exc:  # the controller is down: say so rather than guess
             tasks = {record["job_id"]: f"UNKNOWN ({str(exc).splitlines()[0]})"}
-        cancelled = record.get("cancelled", [])
-        for index, trial in enumerate(record["trials"]):
-            task = f"{record['job_id']}_{index}"
-            known = tasks.get(task) or tasks.get(record["job_id"])
-            if not known and (task in cancelled or record["job_id"] in cancelled):
-                known = "CANCELLED"  # by trainyard cancel; the scheduler kept no trace
-            states[trial] = known or "UNKNOWN"
+        states.update(trial_states(record, tasks))
     return states
 
 
@@ -89,27 +85,6 @@ def _summary(error: str) -> str:
     return lines[0] if lines else ""
 
 
-def _lock_held(lock: Path) -> bool | None:
-    """Whether a process on this machine holds ``lock`` (the trainer's flock), from
-    /proc/locks, without taking it (taking it, even for a moment, could turn a trainer
-    starting right then away); None where that cannot be told."""
-    try:
-        st = lock.stat()
-        table = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    for line in table.splitlines():
-        fields = line.split()
-        if "FLOCK" not in fields or len(fields) < 6:
-            continue
-        # "FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ..."; the device numbers are
-        # left out: on overlay filesystems they differ from what stat() says
-        where = fields[fields.index("FLOCK") + 4].split(":")
-        if len(where) == 3 and where[2].isdigit() and int(where[2]) == st.st_ino:
-            return True
-    return False
-
-
 def _row(run: Path, scheduler: dict[str, str]) -> dict:
     status = json.loads((run / "status.json").read_text())
     result_file = run / "result.json"
@@ -125,7 +100,7 @@ def _row(run: Path, scheduler: dict[str, str]) -> dict:
         state == "running"
         and not queued
         and last.get("host") == socket.gethostname()
-        and (_lock_held(run / ".train.lock") is False)
+        and (RunDir(run).claimed_here() is False)
     ):
         # killed without a word (SIGKILL, out of memory, a lost container): the same
         # command resumes it from last.ckpt

@@ -94,10 +94,11 @@ def _absolute_init_from(frozen: DictConfig) -> None:
     value = frozen.get("init_from")
     if not isinstance(value, str) or not value:
         return
-    path = Path(value)
-    if not path.is_absolute():
-        path = Path(str(OmegaConf.select(frozen, "paths.root_dir", default=os.getcwd()))) / path
-    frozen.init_from = os.path.normpath(path)
+    from trainyard.rundir import one_path
+
+    frozen.init_from = one_path(
+        value, str(OmegaConf.select(frozen, "paths.root_dir", default=os.getcwd()))
+    )
 
 
 def _refuse_leaked_secrets(frozen: DictConfig, names: set[str]) -> None:

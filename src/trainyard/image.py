@@ -71,14 +71,18 @@ def is_dirty(root: Path) -> bool:
     return bool(status)
 
 
-def tag(root: Path, variant: str = "cuda") -> str:
+def tag(root: Path, variant: str = "cuda", dirty: bool | None = None) -> str:
     commit = _git(root, "rev-parse", "--short=12", "HEAD")
-    return f"{commit}{'-dirty' if is_dirty(root) else ''}{VARIANTS[variant].suffix}"
+    dirty = is_dirty(root) if dirty is None else dirty
+    return f"{commit}{'-dirty' if dirty else ''}{VARIANTS[variant].suffix}"
 
 
 def source_checkout() -> Path | None:
-    """The git checkout this trainyard runs from (an editable install), if it is one."""
-    root = Path(__file__).resolve().parents[2]
+    """The git checkout images are built from: $TRAINYARD_SOURCE (trainyard installed from
+    a wheel, the images built from a checkout), else the one this trainyard runs from (an
+    editable install), if it is one."""
+    given = os.environ.get("TRAINYARD_SOURCE")
+    root = Path(given) if given else Path(__file__).resolve().parents[2]
     return root if (root / "docker" / "Dockerfile").exists() and (root / ".git").exists() else None
 
 
@@ -96,7 +100,8 @@ def reference(image: str, variant: str = "cuda", allow_dirty: bool = False,
     if root is None:
         raise ImageError(
             f"{image} has no tag, and trainyard is not running from a git checkout to take "
-            "one from: name the image with its tag (registry/trainyard:<tag>)"
+            "one from: name the image with its tag (registry/trainyard:<tag>), or set "
+            "TRAINYARD_SOURCE=<the checkout the images are built from>"
         )
     if is_dirty(root) and not allow_dirty:
         raise ImageError(
@@ -107,7 +112,7 @@ def reference(image: str, variant: str = "cuda", allow_dirty: bool = False,
     return f"{image}:{tag(root, variant)}"
 
 
-def engine() -> str:
+def find_engine() -> str:
     """podman where installed (rootless-friendly, no daemon), else docker."""
     for name in (os.environ.get("CONTAINER_ENGINE"), "podman", "docker"):
         if name and shutil.which(name):
@@ -166,9 +171,11 @@ def build_command(
     base: str | None = None,
     torch_index: str | None = None,
     pip_from_host: bool = False,
+    engine: str | None = None,
 ) -> list[str]:
-    v = VARIANTS[variant]
-    name = name or f"{REPO}:{tag(root, variant)}"
+    """The exact build command (``engine``: podman or docker; found on PATH if not given)."""
+    v, dirty = VARIANTS[variant], is_dirty(root)
+    name = name or f"{REPO}:{tag(root, variant, dirty)}"
     index = v.torch_index if torch_index is None else torch_index
     build_args = {
         "BASE_IMAGE": base or v.base,
@@ -176,10 +183,11 @@ def build_command(
         "TORCH_LOCAL": v.torch_local if index else "",  # the label is that index's
         "VARIANT": variant,
         "VERSION": __version__,
-        "REVISION": _git(root, "rev-parse", "HEAD") + ("-dirty" if is_dirty(root) else ""),
+        "REVISION": _git(root, "rev-parse", "HEAD") + ("-dirty" if dirty else ""),
         "SOURCE": SOURCE,
     }
-    cmd = [engine(), "build", "-f", "docker/Dockerfile", "-t", name, "--network", "host"]
+    cmd = [engine or find_engine(), "build", "-f", "docker/Dockerfile", "-t", name]
+    cmd += ["--network", "host"]
     cmd += [f"--build-arg={k}={val}" for k, val in build_args.items()]
     if pip_from_host:
         if Path(cmd[0]).name != "podman":
@@ -189,10 +197,13 @@ def build_command(
     return [*cmd, "."]
 
 
-def push_commands(root: Path, registry: str, variant: str = "cuda") -> list[list[str]]:
+def push_commands(
+    root: Path, registry: str, variant: str = "cuda", engine: str | None = None
+) -> list[list[str]]:
     local = f"{REPO}:{tag(root, variant)}"
     remote = f"{registry.rstrip('/')}/{local}"
-    return [[engine(), "tag", local, remote], [engine(), "push", remote]]
+    engine = engine or find_engine()
+    return [[engine, "tag", local, remote], [engine, "push", remote]]
 
 
 def _run(cmd: list[str], dry_run: bool, root: Path) -> None:

@@ -62,6 +62,12 @@ def is_identity_key(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)
 
 
+def one_path(value: str, root: str) -> str:
+    """A path spelt one way: absolute (a relative one taken from ``root``), normalised
+    (``init_from`` is part of a trial's identity, in its key and in config.yaml alike)."""
+    return os.path.normpath(os.path.join(root, value))
+
+
 def _canonical(override: str) -> str:
     """``key=value`` with the value spelled one way: ``1e-2`` and ``0.01`` are one trial.
 
@@ -90,8 +96,7 @@ def _canonical(override: str) -> str:
         return f"{key}={parsed.get_value_string()}"  # ranges, intervals: as written
     value = parsed.value()
     if key == "init_from" and isinstance(value, str) and value:  # a path: one spelling
-        root = os.environ.get("TRAINYARD_ROOT") or os.getcwd()  # paths.root_dir's default
-        value = os.path.normpath(os.path.join(root, value))
+        value = one_path(value, os.environ.get("TRAINYARD_ROOT") or os.getcwd())  # root_dir
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return f"{key}={text}"
 
@@ -246,6 +251,26 @@ class RunDir:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         return TrainingClaim(f)
+
+    def claimed_here(self) -> bool | None:
+        """Whether a process on this machine holds the claim (the flock of :meth:`claim`),
+        read from /proc/locks without taking it (taking it, even for a moment, could turn
+        away a trainer starting right then); None where that cannot be told."""
+        try:
+            inode = self.lock_file.stat().st_ino
+            table = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        for line in table.splitlines():
+            fields = line.split()
+            if "FLOCK" not in fields:
+                continue
+            # "FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ..."; the device numbers
+            # are left out: on overlay filesystems they differ from what stat() says
+            where = fields[fields.index("FLOCK") + 4 :][:1]
+            if where and where[0].rsplit(":", 1)[-1] == str(inode):
+                return True
+        return False
 
     def clear_rank_errors(self) -> None:
         """Error files belong to one attempt: a new attempt starts without them."""

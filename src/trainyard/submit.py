@@ -298,13 +298,13 @@ _ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPE
 def _queued(log_dir: Path) -> set[Path]:
     """Trials an earlier submission from here still has queued or running: not again."""
     from trainyard import backends
+    from trainyard.backends.base import trial_states
     from trainyard.rundir import RunDir
 
     path, busy = Path(log_dir) / SUBMISSION, set()
     for record in json.loads(path.read_text()) if path.exists() else []:
         tasks = backends.get(record["backend"]).status(record["job_id"])
-        for index, trial in enumerate(record["trials"]):
-            state = tasks.get(f"{record['job_id']}_{index}") or tasks.get(record["job_id"], "")
+        for trial, state in trial_states(record, tasks).items():
             # a completed trial's job may still be tearing down: nothing would run again
             if state.split(" ")[0] in _ACTIVE and RunDir(trial).state != "completed":
                 print(f"trainyard: {trial} is already queued as job {record['job_id']} ({state})")

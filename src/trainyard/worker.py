@@ -401,11 +401,10 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
         digest = read_json(run.ranks / "rank0.json").get("config_sha256")
         job = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
         job_id = f"{job[0]}_{job[1]}" if all(job) else os.environ.get("SLURM_JOB_ID")
-        run.transition("running", resumed_from=ckpt_path, config_sha256=digest, job=job_id)
+        status = run.transition("running", resumed_from=ckpt_path, config_sha256=digest, job=job_id)
         if ckpt_path:
-            attempt = read_json(run.status_file).get("attempt")
             logging.getLogger("trainyard").info(
-                "resuming (attempt %s) from %s", attempt, Path(ckpt_path).name
+                "resuming (attempt %s) from %s", status["attempt"], Path(ckpt_path).name
             )
     started = time.time()
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -15,12 +15,6 @@ from trainyard import container, image
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _podman(monkeypatch):
-    """The build request is checked as text: no engine needs to be installed for it."""
-    monkeypatch.setattr(image, "engine", lambda: "podman")
-
-
 def _repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     (repo / "docker").mkdir(parents=True)
@@ -69,8 +63,9 @@ def test_a_bare_repository_gets_the_commits_tag_and_a_dirty_tree_is_refused(tmp_
 
 
 def test_the_variants_differ_only_in_base_and_build_arguments():
-    cuda = image.build_command(ROOT, "cuda", name="t:cuda")
-    cpu = image.build_command(ROOT, "cpu", name="t:cpu")
+    # the request as text: the engine is named, so none need be installed here
+    cuda = image.build_command(ROOT, "cuda", name="t:cuda", engine="podman")
+    cpu = image.build_command(ROOT, "cpu", name="t:cpu", engine="podman")
     assert cuda[1:3] == ["build", "-f"] and "docker/Dockerfile" in cuda and cuda[-1] == "."
     differ = {a for a in set(cuda) ^ set(cpu)}
     assert {a.split("=")[1] for a in differ if a.startswith("--build-arg")} == {
@@ -82,37 +77,35 @@ def test_the_variants_differ_only_in_base_and_build_arguments():
     assert "--build-arg=BASE_IMAGE=docker.io/nvidia/cuda:13.0.2-base-ubuntu24.04" in cuda
     assert "--build-arg=TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu
     assert "--build-arg=TORCH_LOCAL=cpu" in cpu  # torch==X+cpu: a CUDA build cannot win
-    no_index = image.build_command(ROOT, "cpu", name="t", torch_index="")
+    no_index = image.build_command(ROOT, "cpu", name="t", torch_index="", engine="podman")
     assert "--build-arg=TORCH_LOCAL=" in no_index  # no CPU index: no +cpu build to pin
 
 
 def test_host_pip_settings_become_a_mounted_pip_conf_not_build_arguments(tmp_path, monkeypatch):
+    # real pip reads a config file and the environment, as on a site with its own mirror
     index = tmp_path / "mirror" / "simple"
     index.mkdir(parents=True)
     cert = tmp_path / "ca.crt"
     cert.write_text("CA")
-    listed = (f"global.cert='/nowhere'\n:env:.cert='{cert}'\n"
-              f"global.extra-index-url='\\nfile://{index}\\nhttps://example.com/simple'\n"
-              "global.timeout='60'\n")  # fmt: skip
-    real_run = subprocess.run
-
-    def run(cmd, **kw):
-        if cmd[1:4] == ["-m", "pip", "config"]:
-            return subprocess.CompletedProcess(cmd, 0, listed, "")
-        return real_run(cmd, **kw)
-
-    monkeypatch.setattr(subprocess, "run", run)
+    site = tmp_path / "site-pip.conf"
+    site.write_text(f"[global]\ncert = /nowhere\nextra-index-url =\n    file://{index}\n"
+                    "    https://example.com/simple\n")  # fmt: skip
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(site))
+    monkeypatch.setenv("PIP_CERT", str(cert))  # the environment's value wins, as for pip
+    monkeypatch.setenv("PIP_TIMEOUT", "60")  # not a setting that says where packages are
     conf = tmp_path / "pip.conf"
     mounts = image.host_pip_settings(conf)
-    assert conf.read_text().splitlines() == [
-        "[global]",
-        "cert = /run/host-pip" + str(cert),  # the environment's value wins, as for pip
-        f"extra-index-url = file:///run/host-pip{index} https://example.com/simple",
-    ]
-    assert sorted(mounts) == sorted([f"{conf}:/run/host-pip/pip.conf:ro",
-                                     f"{tmp_path}:/run/host-pip{tmp_path}:ro",
-                                     f"{index.parent}:/run/host-pip{index.parent}:ro"])  # fmt: skip
-    cmd = image.build_command(ROOT, "cpu", name="t", pip_from_host=True)
+    lines = conf.read_text().splitlines()
+    assert lines[0] == "[global]" and not [line for line in lines if "timeout" in line]
+    assert f"cert = /run/host-pip{cert}" in lines
+    assert f"extra-index-url = file:///run/host-pip{index} https://example.com/simple" in lines
+    for line in lines[1:]:  # whatever else this machine sets: its files are mounted ones
+        for word in line.split(" = ", 1)[1].split():
+            path = word.removeprefix("file://")
+            assert not path.startswith("/") or path.startswith("/run/host-pip/"), line
+    assert {f"{conf}:/run/host-pip/pip.conf:ro", f"{tmp_path}:/run/host-pip{tmp_path}:ro",
+            f"{index.parent}:/run/host-pip{index.parent}:ro"} <= set(mounts)  # fmt: skip
+    cmd = image.build_command(ROOT, "cpu", name="t", pip_from_host=True, engine="podman")
     assert not [a for a in cmd if "PIP_" in a]  # an image's history keeps build arguments
 
 
@@ -169,7 +162,7 @@ def test_slurm_jobs_run_the_image_of_the_submitting_commit(tmp_path, monkeypatch
     from trainyard.errors import ConfigError
 
     repo = _repo(tmp_path)
-    monkeypatch.setattr(image, "source_checkout", lambda: repo)
+    monkeypatch.setenv("TRAINYARD_SOURCE", str(repo))  # the checkout the images come from
     pyxis = {"container": {"engine": "pyxis", "image": "reg/trainyard", "variant": "cpu"}}
     assert slurm._container_srun_args(pyxis) == [
         f"--container-image=reg/trainyard:{_commit(repo)}-cpu"
@@ -182,6 +175,9 @@ def test_slurm_jobs_run_the_image_of_the_submitting_commit(tmp_path, monkeypatch
     assert "cluster.container.image" in info.value.message
     pyxis["container"]["allow_dirty"] = True
     assert slurm._container_srun_args(pyxis)[0].endswith(f"{_commit(repo)}-dirty-cpu")
+    monkeypatch.setenv("TRAINYARD_SOURCE", str(tmp_path / "not-a-checkout"))
+    with pytest.raises(ConfigError, match="TRAINYARD_SOURCE=<the checkout"):
+        slurm._container_srun_args(pyxis)
 
 
 def test_an_output_directory_that_is_not_a_volume_is_warned_about(tmp_path, monkeypatch):

@@ -101,3 +101,19 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, job_id: str) -> None:
         """Stop the job (queued or running)."""
+
+
+def trial_states(record: dict[str, Any], tasks: dict[str, str]) -> dict[str, str]:
+    """Each trial of a submission record -> its task's state in ``tasks`` (a backend's
+    ``status``: ``<job>_<index>`` per array task, or the whole job's). A task that
+    ``trainyard cancel`` cancelled and the scheduler kept no trace of (Slurm may forget an
+    array task cancelled while pending) is CANCELLED; any other unknown one, UNKNOWN."""
+    job, cancelled = record["job_id"], record.get("cancelled", [])
+    states = {}
+    for index, trial in enumerate(record["trials"]):
+        task = f"{job}_{index}"
+        known = tasks.get(task) or tasks.get(job)
+        if not known and (task in cancelled or job in cancelled):
+            known = "CANCELLED"
+        states[trial] = known or "UNKNOWN"
+    return states

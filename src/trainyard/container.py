@@ -25,7 +25,7 @@ MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 
 # commands that train: the checks below apply to them (a shell or `trainyard status`
 # started in the image is left alone)
-_TRAINING = ("trainyard-train", "torchrun")
+_TRAINING = ("trainyard-train", "torchrun", "trainyard-pod")
 
 _NVIDIA_PROC = Path("/proc/driver/nvidia/version")
 # flags that only print (help, config, completion): nothing to check for them

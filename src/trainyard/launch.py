@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import uuid
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -71,11 +72,26 @@ def _rank_main(config_path: str, env: dict[str, str], preempt: list[str]) -> Non
     run_rank_and_exit(config_path)
 
 
-def _rank_env(rank: int, nproc: int, port: int, run_id: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class Placement:
+    """Where this machine's ranks sit in the group: node ``node_rank`` of ``nnodes``, with
+    rank 0 listening at ``master_addr:master_port`` (a Kubernetes pod of an Indexed Job).
+    The default is a group of this machine alone, on a free loopback port."""
+
+    node_rank: int = 0
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port on this machine
+    run_id: str | None = None  # the same on every node of one launch
+
+
+def _rank_env(local: int, nproc: int, where: Placement, port: int, run_id: str) -> dict[str, str]:
+    rank, world = where.node_rank * nproc + local, where.nnodes * nproc
     return {
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-        "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "ROLE_WORLD_SIZE": str(nproc),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": run_id,
+        "RANK": str(rank), "LOCAL_RANK": str(local), "GROUP_RANK": str(where.node_rank),
+        "ROLE_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(nproc),
+        "ROLE_WORLD_SIZE": str(world), "GROUP_WORLD_SIZE": str(where.nnodes),
+        "MASTER_ADDR": where.master_addr, "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": run_id,
     }  # fmt: skip
 
 
@@ -83,18 +99,23 @@ def _stop_signals(preempt: list[str]) -> set[signal.Signals]:
     return {*signals.parse(preempt), signal.SIGINT}
 
 
-def launch_local(config_path: Path, nproc: int, preempt: list[str]) -> float | None:
-    """Run ``nproc`` ranks of the trial on this node; return rank 0's metric."""
+def launch_local(
+    config_path: Path, nproc: int, preempt: list[str], where: Placement | None = None
+) -> float | None:
+    """Run ``nproc`` ranks of the trial on this node; return rank 0's metric (None on a
+    node other than the first, which has no rank 0)."""
+    where = where or Placement()
     run = RunDir(config_path.parent)
-    port, run_id = _free_port(), f"trainyard-{uuid.uuid4().hex[:12]}"
+    port = where.master_port or _free_port()
+    run_id = where.run_id or f"trainyard-{uuid.uuid4().hex[:12]}"
     context = multiprocessing.get_context("spawn")
     procs = [
         context.Process(
             target=_rank_main,
-            args=(str(config_path), _rank_env(rank, nproc, port, run_id), preempt),
-            name=f"trainyard-rank{rank}",
+            args=(str(config_path), _rank_env(local, nproc, where, port, run_id), preempt),
+            name=f"trainyard-rank{where.node_rank * nproc + local}",
         )
-        for rank in range(nproc)
+        for local in range(nproc)
     ]
     forwarded = _forward_signals(procs, preempt)
     try:
@@ -107,7 +128,9 @@ def launch_local(config_path: Path, nproc: int, preempt: list[str]) -> float | N
             if proc.is_alive():
                 proc.kill()
             proc.join()
-    return _outcome(run, procs, failed)
+    if where.node_rank and failed is None and all(p.exitcode == 0 for p in procs):
+        return None  # rank 0, on the first node, records the result
+    return _outcome(run, procs, failed, where.node_rank * nproc)
 
 
 def _start(procs, preempt: list[str]) -> None:
@@ -161,10 +184,10 @@ def _supervise(procs) -> int | None:
     return None
 
 
-def _outcome(run: RunDir, procs, failed: int | None) -> float | None:
+def _outcome(run: RunDir, procs, failed: int | None, first_rank: int = 0) -> float | None:
     codes = [proc.exitcode for proc in procs]
     if failed is not None:
-        raise _describe_failure(run, procs, failed)
+        raise _describe_failure(run, procs, failed, first_rank)
     for code, error in _STOP_CODES.items():
         if code in codes:
             last = (run.status().get("history") or [{}])[-1]
@@ -179,9 +202,10 @@ def _outcome(run: RunDir, procs, failed: int | None) -> float | None:
     raise TrainingFailed(f"the ranks ended (exit codes {codes}) without a result")
 
 
-def _describe_failure(run: RunDir, procs, first: int) -> TrainyardError:
+def _describe_failure(run: RunDir, procs, local: int, first_rank: int) -> TrainyardError:
     """One message naming the rank that failed first and its cause."""
-    proc, error_file = procs[first], run.ranks / f"rank{first}.error.json"
+    proc, first = procs[local], first_rank + local
+    error_file = run.ranks / f"rank{first}.error.json"
     code = EXIT_FAILED
     if error_file.exists():
         info = json.loads(error_file.read_text())

@@ -168,6 +168,7 @@ def _jobs(checked: list[Checked]) -> list[Any]:
     from trainyard.backends import Job
 
     groups: dict[str, list[Checked]] = defaultdict(list)
+    by_dir = {c.planned.run_dir: c for c in checked}
     for trial in checked:
         groups[trial.job_key].append(trial)
     jobs = []
@@ -177,10 +178,17 @@ def _jobs(checked: list[Checked]) -> list[Any]:
             from trainyard.backends.slurm import check_signal
 
             check_signal(first.cluster, first.preempt)
+        if first.cluster["backend"] == "k8s" and "SIGTERM" not in first.preempt:
+            raise ConfigError(
+                "signals.preempt does not include SIGTERM, which Kubernetes sends a pod it "
+                "deletes, evicts or preempts: the trial would be killed without a checkpoint",
+                fix="signals.preempt=[SIGTERM,SIGUSR1,SIGUSR2]",
+            )
         trials = [c.planned.run_dir for c in members]
         log_dir = trials[0].parent if len(checked) > 1 else trials[0]
         tag = f"-{number}" if number else ""
-        jobs.append(Job(first.name, trials, first.resources, first.cluster, log_dir, tag))
+        config = lambda trial: by_dir[trial].data()  # noqa: E731
+        jobs.append(Job(first.name, trials, first.resources, first.cluster, log_dir, tag, config))
     return jobs
 
 
@@ -227,7 +235,7 @@ def submit_planned(
         for job in jobs:  # the cluster's own verdict, before any run directory is written
             backend = backends.get(job.cluster.get("backend", "local"))
             for request in backend.render(job):
-                backend.check(request)
+                _ask(backend, request, dry_run)
     by_dir = {c.planned.run_dir: c for c in checked}
     records = []
     for job in jobs:
@@ -247,6 +255,19 @@ def submit_planned(
             trials = getattr(request, "trials", job.trials)
             records.append(_record(job, backend.name, job_id, trials))
     return records
+
+
+def _ask(backend: Any, request: Any, dry_run: bool) -> None:
+    """The cluster's verdict on a request; a dry run without a cluster to ask renders all
+    the same (manifests for GitOps, a script to read)."""
+    from trainyard.backends.base import NoCluster
+
+    try:
+        backend.check(request)
+    except NoCluster as exc:
+        if not dry_run:
+            raise
+        print(f"# trainyard: not checked with the cluster: {exc.message}")
 
 
 @contextlib.contextmanager

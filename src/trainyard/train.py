@@ -20,6 +20,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -84,7 +85,7 @@ def _refuse_remote_cluster(cfg: DictConfig, external: bool) -> None:
         )
 
 
-def run_prepared(run_dir: str | Path) -> float | None:
+def run_prepared(run_dir: str | Path, where: Any = None) -> float | None:
     """Train a trial that :func:`trainyard.trial.prepare` froze into ``run_dir`` (what a
     backend runs on the machine that trains it). Same locking, states and exit codes as
     ``trainyard-train``."""
@@ -96,7 +97,7 @@ def run_prepared(run_dir: str | Path) -> float | None:
     claim = run.claim()
     try:
         completed = run.state == "completed" and run.result_file.exists()
-        return _train(Trial(run, frozen, completed=completed), devices, preempt)
+        return _train(Trial(run, frozen, completed=completed), devices, preempt, where)
     finally:
         claim.release()
 
@@ -111,7 +112,9 @@ def _follow_rank0(cfg: DictConfig, run: RunDir) -> float | None:
     return run_rank(str(run.config))
 
 
-def _train(trial: Trial, nproc: int, preempt: list[str]) -> float | None:
+def _train(trial: Trial, nproc: int, preempt: list[str], where: Any = None) -> float | None:
+    """Train the trial's ranks on this machine (``where``: a
+    :class:`~trainyard.launch.Placement` when it is one node of several)."""
     run = trial.run
     if trial.completed:
         result = read_json(run.result_file)
@@ -122,10 +125,10 @@ def _train(trial: Trial, nproc: int, preempt: list[str]) -> float | None:
     os.environ["TRAINYARD_CLAIMED"] = "1"  # ranks started from here need not claim again
     log.info("run directory: %s (%d rank%s)", run.root, nproc, "s" * (nproc > 1))
     try:
-        if nproc > 1:
+        if nproc > 1 or where is not None:
             from trainyard.launch import launch_local
 
-            return launch_local(run.config, nproc, preempt)
+            return launch_local(run.config, nproc, preempt, where)
         from trainyard.worker import run_rank
 
         return run_rank(str(run.config))

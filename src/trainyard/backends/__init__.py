@@ -14,6 +14,7 @@ from trainyard.errors import ConfigError
 _REGISTRY = {
     "local": "trainyard.backends.local:LocalBackend",
     "slurm": "trainyard.backends.slurm:SlurmBackend",
+    "k8s": "trainyard.backends.kubernetes:KubernetesBackend",
 }
 
 

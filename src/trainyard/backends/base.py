@@ -12,13 +12,21 @@ config so that users state devices once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainyard.errors import ConfigError
+from trainyard.errors import ConfigError, TrainyardError
+
+
+class NoCluster(TrainyardError):
+    """No cluster to ask (no credentials, no scheduler here): a dry run goes on without
+    the cluster's verdict; a submission stops."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,21 @@ class Job:
     cluster: dict[str, Any] = field(default_factory=dict)  # the `cluster` config section
     log_dir: Path | None = None  # where the scheduler's own output files go
     tag: str = ""  # tells apart the jobs of one sweep that need different resources
+    # trial -> its frozen config as plain data, for backends that send the config itself
+    # (Kubernetes: a ConfigMap) and render before the run directories are written
+    config_data: Callable[[Path], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.trials:
             raise ValueError("a job needs at least one trial")
+
+    def config(self, trial: Path) -> dict[str, Any]:
+        """The trial's frozen config as plain data."""
+        if self.config_data is not None:
+            return self.config_data(trial)
+        from trainyard.freeze import load_frozen_text
+
+        return load_frozen_text((trial / "config.yaml").read_text())
 
 
 class Backend(ABC):

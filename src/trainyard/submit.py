@@ -250,11 +250,36 @@ def submit_planned(
                 print(request)
                 continue
             with phase("submit"):
-                job_id = backend.submit(request)
+                job_id = _send(backend, request, job, records)
             # a sweep split into several arrays: each record lists its own array's trials
             trials = getattr(request, "trials", job.trials)
             records.append(_record(job, backend.name, job_id, trials))
     return records
+
+
+def _send(backend: Any, request: Any, job: Any, records: list[dict]) -> str:
+    """Submit one request. When the cluster refuses part way, what went out is recorded
+    (status, logs and cancel find it; a new submission does not send it again) and the
+    error says which trials went out and which did not."""
+    from trainyard.errors import TrainyardError
+
+    try:
+        return backend.submit(request)
+    except TrainyardError as exc:
+        sent = list(getattr(exc, "sent", []))
+        if sent:
+            records.append(_record(job, backend.name, exc.job_id, sent))
+        done = sum(len(r["trials"]) for r in records)
+        if not done:
+            raise
+        error = TrainyardError(
+            f"{done} trial(s) went out (recorded in submission.json: trainyard status, logs "
+            f"and cancel see them); the others did not: {exc.message}",
+            fix=(exc.fix + "; then " if exc.fix else "")
+            + "submit again: only the trials that did not go out are sent",
+        )
+        error.exit_code = exc.exit_code
+        raise error from None
 
 
 def _ask(backend: Any, request: Any, dry_run: bool) -> None:

@@ -227,7 +227,8 @@ def test_preemption_is_not_a_failure_and_bad_input_is_final(rendered):
         for code in rule["onExitCodes"]["values"]
     }
     assert by_code[75] == "Ignore"  # EXIT_PREEMPTED: replaced, resumes from last.ckpt
-    assert by_code[2] == by_code[3] == "FailJob"
+    assert by_code[2] == "FailJob"  # bad input
+    assert 3 not in by_code  # failed training: counted, retried up to backoffLimit
     assert any(
         c["type"] == "DisruptionTarget" for r in rules if r["action"] == "Ignore"
         for c in r.get("onPodConditions", [])

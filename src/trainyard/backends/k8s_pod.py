@@ -12,7 +12,8 @@ it and records its states; the other pods wait until the run directory holds thi
 
 Exit codes are the Job's podFailurePolicy's vocabulary: 0 done, 75 stopped at a step
 boundary with ``last.ckpt`` saved (SIGTERM from a deleted, evicted or preempted pod: the
-Job replaces the pod and it resumes), 2 bad input and 3 failed training (the Job fails).
+Job replaces the pod and it resumes), 2 bad input (the Job fails: another pod would fail
+alike), 3 failed training (counted against ``backoffLimit``: a peer's node may have died).
 A trial preempted ``cluster.max_requeues_without_progress`` times in a row without a new
 step is failed instead of started again.
 """
@@ -22,15 +23,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from trainyard.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, Stopped, TrainyardError
-from trainyard.rundir import RunDir
+from trainyard.rundir import RunDir, write_json
 
 USAGE = "usage: trainyard-pod <the trial's frozen config.yaml, from its ConfigMap>"
 
 
-def placement(cfg) -> tuple[int, object]:
+def placement(cfg, generation: str | None = None) -> tuple[int, object]:
     """(devices on this node, this pod's :class:`~trainyard.launch.Placement`)."""
     from trainyard.launch import Placement
 
@@ -44,8 +46,7 @@ def placement(cfg) -> tuple[int, object]:
     master = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
-    # the same on every pod of one attempt: the Job's rendezvous address
-    return devices, Placement(index, nodes, master, port, run_id=f"k8s-{master}")
+    return devices, Placement(index, nodes, master, port, run_id=generation)
 
 
 def run_pod(config_file: Path) -> int:
@@ -56,17 +57,19 @@ def run_pod(config_file: Path) -> int:
     text = config_file.read_text()
     cfg = OmegaConf.create(text)
     signals.install(list(OmegaConf.select(cfg, "signals.preempt", default=signals.DEFAULT_PREEMPT)))
-    devices, where = placement(cfg)
-    os.environ.setdefault("TORCHELASTIC_RUN_ID", where.run_id)  # ranks are started for us
+    # one pod per node starts the ranks: preflight's multi-node check must see a launch
+    os.environ.setdefault("TORCHELASTIC_RUN_ID", "trainyard-pod")
     run = RunDir(str(cfg.paths.run_dir))
+    devices, where = placement(cfg)
     if where.node_rank == 0:
         return _first_pod(cfg, run, where)
     timeout = float(OmegaConf.select(cfg, "dist.timeout_s", default=300))
-    _wait_for_config(run, text, timeout)
-    if run.state == "completed" and run.result_file.exists():
-        return 0
+    generation = _join(run, where.node_rank, text, timeout)
+    if generation is None:
+        return 0  # the trial completed
     from trainyard.launch import launch_local
 
+    devices, where = placement(cfg, generation)
     launch_local(run.config, devices, list(cfg.signals.preempt), where)
     return 0
 
@@ -87,17 +90,38 @@ def _first_pod(cfg, run: RunDir, where) -> int:
         run.transition("failed", error=message, exit_code=EXIT_FAILED)
         print(f"trainyard-pod: {message}", file=sys.stderr)
         return EXIT_FAILED
-    run_prepared(run.root, where)
+    generation = uuid.uuid4().hex[:12]
+    write_json(_rendezvous(run), {"generation": generation, "pod": os.environ.get("HOSTNAME")})
+    run_prepared(run.root, placement(cfg, generation)[1])
     return 0
 
 
-def _wait_for_config(run: RunDir, text: str, timeout_s: float) -> None:
-    """Until the first pod installed this config in the run directory."""
-    deadline = time.monotonic() + timeout_s
-    while not (run.config.exists() and run.config.read_text() == text):
+def _rendezvous(run: RunDir, node: int = 0) -> Path:
+    return run.ranks / ("rendezvous.json" if node == 0 else f"rendezvous-node{node}.json")
+
+
+def _join(run: RunDir, node: int, text: str, timeout_s: float) -> str | None:
+    """Wait for pod 0 to start a new generation of the group (its ranks listen at
+    MASTER_ADDR) and return it; None when the trial completed meanwhile.
+
+    A pod replaced after a preemption may start while the old pod 0 is still saving and
+    leaving: joining its group would fail. Each start of pod 0 writes a new generation on
+    the claim; the other pods join only one they have not joined before."""
+    from trainyard.rundir import read_json
+
+    mine, deadline = _rendezvous(run, node), time.monotonic() + timeout_s
+    joined = read_json(mine).get("generation") if mine.exists() else None
+    while True:
+        if run.state == "completed" and run.result_file.exists():
+            return None
+        current = read_json(_rendezvous(run)) if _rendezvous(run).exists() else {}
+        generation = current.get("generation")
+        if generation and generation != joined and run.config.read_text() == text:
+            write_json(mine, {"generation": generation, "pod": os.environ.get("HOSTNAME")})
+            return generation
         if time.monotonic() > deadline:
             raise TrainyardError(
-                f"pod 0 did not install the trial in {run.root} within dist.timeout_s="
+                f"pod 0 did not start the trial in {run.root} within dist.timeout_s="
                 f"{timeout_s:.0f}s",
                 fix="check pod 0's log, and that every pod mounts the same claim "
                 "(ReadWriteMany for several nodes)",

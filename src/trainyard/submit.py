@@ -231,10 +231,13 @@ def submit_planned(
         if build:
             _build_checks(checked)
         jobs = _jobs(checked)
+    rendered = {}  # id(job) -> (its trials, its requests): rendered once when they stay
     with phase("ask the cluster"):
         for job in jobs:  # the cluster's own verdict, before any run directory is written
             backend = backends.get(job.cluster.get("backend", "local"))
-            for request in backend.render(job):
+            requests = backend.render(job)
+            rendered[id(job)] = (list(job.trials), requests)
+            for request in requests:
                 _ask(backend, request, dry_run)
     by_dir = {c.planned.run_dir: c for c in checked}
     records = []
@@ -245,7 +248,8 @@ def submit_planned(
             job.trials = _still_to_train(job, by_dir) if dry_run else _write(job, by_dir)
         if not job.trials:
             continue
-        for request in backend.render(job):
+        trials, requests = rendered[id(job)]
+        for request in requests if trials == job.trials else backend.render(job):
             if dry_run:
                 print(request)
                 continue

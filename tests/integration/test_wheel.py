@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def _copy_checkout(dest: Path) -> Path:
     dest.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("src", "conf"):
+    for name in ("src", "conf", "k8s"):
         shutil.copytree(REPO / name, dest / name, symlinks=True, ignore=junk)
     return dest
 
@@ -102,7 +103,11 @@ def _completed_run(root: Path, name: str) -> Path:
 
 def test_wheel_ships_the_configs_but_not_local_ones(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
-    shipped = {n.removeprefix("trainyard/conf/") for n in names if n.endswith(".yaml")}
+    shipped = {
+        n.removeprefix("trainyard/conf/")
+        for n in names
+        if n.startswith("trainyard/conf/") and n.endswith(".yaml")
+    }
     expected = {
         p.relative_to(REPO / "conf").as_posix()
         for p in (REPO / "conf").rglob("*.yaml")
@@ -156,3 +161,30 @@ def test_config_dir_adds_a_users_experiment(installed):
     run = _completed_run(root, "from_user_dir")
     frozen = (run / "config.yaml").read_text()
     assert "trainyard.models.MLP" in frozen and "17" in frozen
+
+
+def test_the_kubernetes_backend_renders_and_runs_from_the_wheel(installed):
+    """The manifests come from k8s/ shipped inside the package; the pods run trainyard-pod
+    from the installed package (here as processes: cluster=k8s_local)."""
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    shipped = {n.removeprefix("trainyard/k8s/") for n in names if n.startswith("trainyard/k8s/")}
+    expected = {p.relative_to(REPO / "k8s").as_posix() for p in (REPO / "k8s").rglob("*.yaml")}
+    assert "base/job.yaml" in expected and expected <= shipped
+    root = installed["tmp"] / "k8s"
+    root.mkdir()
+    env = {**installed["env"], "KUBECONFIG": str(root / "none")}
+    dry = _ok(_run(["trainyard", "submit", "--dry-run", "cluster=k8s",
+                    "cluster.image=registry.example/trainyard:v1"], cwd=root, env=env))  # fmt: skip
+    assert dry.stdout.count("\nkind: Job\n") == 1
+    _ok(_run(["trainyard", "submit", "cluster=k8s_local", "trainer.max_epochs=1"], cwd=root,
+             env=env))  # fmt: skip
+    deadline = time.monotonic() + 150
+    while True:
+        states = list((root / "outputs").rglob("k8s/*/state.json"))
+        trials = json.loads(states[0].read_text())["trials"] if states else []
+        if trials and trials[0] not in ("PENDING", "RUNNING"):
+            break
+        assert time.monotonic() < deadline, trials
+        time.sleep(0.5)
+    assert trials == ["COMPLETED"]
+    _completed_run(root, "default")

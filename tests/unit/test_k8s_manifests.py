@@ -413,3 +413,30 @@ def _check_golden(name: str, text: str) -> None:
         golden.write_text(text)
         pytest.fail(f"{golden} was missing: written now; review it and commit it")
     assert text == golden.read_text(), f"{golden} differs: review, then delete it to renew"
+
+
+def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
+    (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: [a.yaml]\nnamePrefix: team-\n")
+    with pytest.raises(kustomize.KustomizeError, match="namePrefix"):
+        kustomize.build(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [a.yaml]\npatches:\n  - path: p.yaml\n    target: {kind: Job}\n"
+    )
+    with pytest.raises(kustomize.KustomizeError, match="path or patch only"):
+        kustomize.build(tmp_path)
+
+
+def test_strategic_merge_merges_named_items_and_replaces_other_lists():
+    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}]}],
+            "tolerations": [{"key": "a"}], "keep": 1, "drop": 2}  # fmt: skip
+    patch = {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}]},
+                            {"name": "b"}],
+             "tolerations": [{"key": "b"}], "drop": None}  # fmt: skip
+    merged = kustomize.merge(base, patch)
+    assert merged["containers"][0]["env"] == [{"name": "X", "value": "1"},
+                                              {"name": "Y", "value": "2"}]  # fmt: skip
+    assert [c["name"] for c in merged["containers"]] == ["a", "b"]
+    assert merged["tolerations"] == [{"key": "b"}]
+    assert merged["keep"] == 1 and "drop" not in merged
+    assert base["containers"][0]["env"] == [{"name": "X", "value": "1"}]  # untouched

@@ -16,12 +16,12 @@ What cannot be the same on one machine, and is translated (each logged once):
   args or env under a mount is taken to the folder mounted there;
 - the network: pods share this machine's loopback, so the Service's DNS name for pod 0
   (``<job>-0.<service>``) is 127.0.0.1 and each Job gets a free port instead of 29500;
-- the image: console scripts of the image (``trainyard-pod``) run as modules of this
-  Python.
+- the image: its ``python`` and console scripts (``trainyard-pod``) are this Python.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-_SCRIPTS = {"trainyard-pod": "trainyard.backends.k8s_pod"}
+_SCRIPTS = {"trainyard-pod": ["-m", "trainyard.backends.k8s_pod"], "python": []}
 _POLL_S = 0.2
 
 
@@ -136,7 +136,7 @@ class Runner:
         container = pod_spec["containers"][0]
         args = [_translate(a, mounts) for a in container.get("args") or container["command"]]
         if args[0] in _SCRIPTS:
-            args = [sys.executable, "-m", _SCRIPTS[args[0]], *args[1:]]
+            args = [sys.executable, *_SCRIPTS[args[0]], *args[1:]]
         pod = f"{name}-{index}"
         own = {k: _translate(v, mounts) for k, v in env.items()}
         pod_env = {**os.environ, **own, "JOB_COMPLETION_INDEX": str(index), "HOSTNAME": pod}
@@ -163,8 +163,11 @@ class Runner:
             if "configMap" in volume:
                 folder = self.folder / name / mount["name"]
                 folder.mkdir(parents=True, exist_ok=True)
-                for key, text in config_maps[volume["configMap"]["name"]]["data"].items():
+                config_map = config_maps[volume["configMap"]["name"]]
+                for key, text in (config_map.get("data") or {}).items():
                     (folder / key).write_text(text)
+                for key, data in (config_map.get("binaryData") or {}).items():
+                    (folder / key).write_bytes(base64.b64decode(data))
                 mounts[mount["mountPath"]] = str(folder)
             elif "persistentVolumeClaim" in volume:
                 mounts[mount["mountPath"]] = self._claim_root(config_maps)
@@ -176,9 +179,12 @@ class Runner:
 
     @staticmethod
     def _claim_root(config_maps: dict[str, dict]) -> str:
-        """The claim is this machine's paths.root_dir, the one the frozen config names."""
-        text = next(iter(config_maps.values()))["data"]["config.yaml"]
-        return str(yaml.safe_load(text)["paths"]["root_dir"])
+        """The claim is this machine's paths.root_dir, the one the frozen config names (a
+        plain Hydra app's pods have none: the directory the runner was started in)."""
+        data = next(iter(config_maps.values())).get("data") or {}
+        if "config.yaml" not in data:
+            return os.getcwd()
+        return str(yaml.safe_load(data["config.yaml"])["paths"]["root_dir"])
 
     def _env(self, pod_spec: dict, name: str) -> dict[str, str]:
         env = {}

@@ -1,0 +1,186 @@
+"""``hydra/launcher=trainyard_k8s``: Hydra sweeps as Kubernetes Jobs, one per trial.
+
+``cluster=k8s`` (and ``k8s_local``) select it. Two kinds of app:
+
+- trainyard's own (a config with ``cluster.backend``): each trial is composed here, checked,
+  frozen and sent through trainyard's Kubernetes backend, as ``trainyard submit`` does
+  (:mod:`trainyard.sweep_launch`); the pods run ``trainyard-pod`` on the frozen config;
+- any other Hydra app: each trial's config is composed here, once, and pickled with the
+  task function into the trial's ConfigMap; its pod runs the task function on it
+  (:mod:`hydra_plugins.trainyard.k8s_task`) and leaves the job's return in the sweep
+  directory, which the pods must see at the same path (a shared volume, or
+  ``local_pods``: the pods run here).
+
+The Jobs are the ones rendered from ``k8s/`` for trainyard's trials; the settings come from
+``cluster.*`` when the app has a ``cluster`` section, and from ``hydra.launcher.*``
+otherwise (``hydra.launcher.local_pods=true`` runs the pods as processes on this machine,
+which is how Hydra's own launcher test suites run it).
+"""
+
+# no `from __future__ import annotations`: Hydra imports plugin modules without putting
+# them in sys.modules, and dataclasses then cannot resolve string annotations
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.launcher import Launcher
+
+log = logging.getLogger("trainyard")
+
+
+@dataclass
+class TrainyardK8sConf:
+    _target_: str = "hydra_plugins.trainyard.k8s_launcher.TrainyardK8sLauncher"
+    # wait for the trials and hand their returns to the sweeper; false: submit and return
+    wait: bool = True
+    poll_s: float = 2.0
+    # for apps without a `cluster` section (trainyard's own read cluster.*)
+    namespace: str = "default"
+    image: Any = None  # the app's image, with its tag
+    local_pods: bool = False  # run the pods as processes on this machine
+    kind: str = "Job"
+    cpu: Any = None
+    memory: Any = None
+    gpus_per_node: int = 0  # GPUs each trial's pod asks for
+    env: Any = field(default_factory=dict)
+    secrets: Any = field(default_factory=list)
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="trainyard_k8s", node=TrainyardK8sConf)
+
+
+class TrainyardK8sLauncher(Launcher):
+    def __init__(self, wait: bool = True, poll_s: float = 2.0, **settings: Any) -> None:
+        self.wait, self.poll_s, self.settings = wait, poll_s, settings
+        self.config: Any = None
+        self.hydra_context: Any = None
+        self.task_function: Any = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        from omegaconf import OmegaConf
+
+        from trainyard import sweep_launch
+
+        if OmegaConf.select(self.config, "cluster.backend") is not None:  # trainyard's trials
+            return sweep_launch.launch(self, job_overrides, initial_job_idx, self.wait, self.poll_s)
+        return self._launch_tasks(list(job_overrides), initial_job_idx)
+
+    def _launch_tasks(self, job_overrides: list, initial_job_idx: int) -> list:
+        """Any Hydra app: a Job per trial whose pod runs the task function."""
+        from hydra.core.utils import configure_log, setup_globals
+
+        from trainyard.backends.base import Resources
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        folder = sweep_dir / ".trainyard_k8s"
+        folder.mkdir(exist_ok=True)
+        cluster = {**self.settings, "root_dir": None, "backoff_limit": 0}
+        gpus = int(cluster.get("gpus_per_node") or 0)
+        resources = Resources(1, max(1, gpus), gpus, 1)
+        trials, objects = [], []
+        for index, overrides in enumerate(job_overrides):
+            number = initial_job_idx + index
+            trials.append(folder / str(number))
+            objects.append(self._task_objects(cluster, resources, list(overrides), number, folder))
+        returns = [folder / f"{initial_job_idx + i}.return.pkl" for i in range(len(trials))]
+        for stale in returns:  # an earlier sweep in the same directory: not this one's
+            stale.unlink(missing_ok=True)
+        job_id, backend = self._submit(cluster, trials, objects, folder)
+        if not self.wait:
+            return []
+        _wait(backend, job_id, returns, self.poll_s)
+        return [_read_return(path, overrides) for path, overrides in zip(returns, job_overrides,
+                                                                         strict=True)]  # fmt: skip
+
+    def _task_objects(self, cluster, resources, overrides, number, folder) -> list:
+        import base64
+
+        import cloudpickle  # task functions may be local ones (as submitit pickles them)
+        from hydra.core.singleton import Singleton
+        from omegaconf import open_dict
+
+        from trainyard.backends import k8s_manifests as manifests
+
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config.hydra.job):
+            sweep_config.hydra.job.id = f"k8s_{number}"
+            sweep_config.hydra.job.num = number
+        task = {
+            "hydra_context": self.hydra_context,
+            "task_function": self.task_function,
+            "config": sweep_config,
+            "singleton_state": Singleton.get_state(),
+            "return_file": str(folder / f"{number}.return.pkl"),
+        }
+        name = manifests.job_name(folder / str(number), "hydra", "")
+        image = str(cluster.get("image") or "hydra-app:local")
+        docs = manifests.render_trial(cluster, resources, image, name, "", {})
+        config_map = docs[0]
+        config_map["data"] = {}
+        config_map["binaryData"] = {"task.pkl": base64.b64encode(cloudpickle.dumps(task)).decode()}
+        container = docs[-1]["spec"]["template"]["spec"]["containers"][0]
+        container["args"] = ["python", "-m", "hydra_plugins.trainyard.k8s_task",
+                             f"{manifests.CONFIG_MOUNT}/task.pkl"]  # fmt: skip
+        return docs
+
+    def _submit(self, cluster, trials, objects, folder) -> tuple:
+        import uuid
+
+        from trainyard.backends.k8s_schema import validate
+        from trainyard.backends.kubernetes import KubernetesBackend, KubernetesRequest
+
+        for docs in objects:
+            for doc in docs:
+                validate(doc, "1.30")
+        submission = f"hydra-{uuid.uuid4().hex[:8]}"
+        for docs in objects:
+            for doc in docs:
+                doc["metadata"]["labels"]["trainyard.dev/submission"] = submission
+        request = KubernetesRequest(
+            submission, str(cluster.get("namespace") or "default"), trials, objects, folder,
+            local=bool(cluster.get("local_pods")),
+        )  # fmt: skip
+        backend = KubernetesBackend()
+        backend.check(request)
+        job_id = backend.submit(request)
+        log.info("trainyard: %d Hydra job(s) sent to Kubernetes as %s", len(trials), job_id)
+        return job_id, backend
+
+
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+def _wait(backend, job_id: str, returns: list, poll_s: float) -> None:
+    import time
+
+    while True:
+        if all(path.exists() for path in returns):
+            return
+        states = backend.status(job_id)
+        if states and all(s in _ENDED for s in states.values()):
+            return
+        time.sleep(min(poll_s, 0.5))
+
+
+def _read_return(path: Path, overrides) -> Any:
+    import pickle
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
+    ret.return_value = RuntimeError(f"the pod ended without a result ({path} is missing)")
+    return ret
+
+
+__all__ = ["TrainyardK8sConf", "TrainyardK8sLauncher"]

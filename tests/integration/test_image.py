@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -229,3 +230,80 @@ def test_a_stop_while_the_container_starts_is_not_lost(cpu_image, tmp_path):
     finally:
         _podman("rm", "--force", name, check=False)
     assert took < 20, f"podman stop took {took:.1f} s: the signal was lost"
+
+
+def _pod_flags(pod_spec: dict, config_dir: Path, work: Path, index: int, job: str) -> list[str]:
+    """``podman run`` flags for one pod of the rendered Job, read from its spec: the user,
+    read-only root, dropped capabilities and no privilege escalation of its security
+    context; its volumes (the ConfigMap's files, the claim, memory-backed /dev/shm, /tmp);
+    its env, and what Kubernetes adds to a pod of an Indexed Job."""
+    container = pod_spec["containers"][0]
+    security, pod_security = container["securityContext"], pod_spec["securityContext"]
+    flags = [f"--user={pod_security['runAsUser']}", f"--group-add={pod_security['fsGroup']}",
+             f"--hostname={job}-{index}", f"--env=JOB_COMPLETION_INDEX={index}",
+             *(f"--cap-drop={c}" for c in security["capabilities"]["drop"])]  # fmt: skip
+    if security["readOnlyRootFilesystem"]:
+        flags.append("--read-only")
+    if security["allowPrivilegeEscalation"] is False:
+        flags.append("--security-opt=no-new-privileges")
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            flags.append(f"--volume={config_dir}:{mount['mountPath']}:ro")
+        elif "persistentVolumeClaim" in volume:
+            flags.append(f"--volume={work}:{mount['mountPath']}")
+        elif mount["mountPath"] == "/dev/shm":
+            flags.append(f"--shm-size={volume['emptyDir']['sizeLimit'].removesuffix('i')}")
+        else:
+            flags.append(f"--tmpfs={mount['mountPath']}:rw,size=1g,mode=1777")
+    flags += [f"--env={e['name']}={e['value']}" for e in container["env"]]
+    return flags
+
+
+def test_the_rendered_pod_template_trains_in_podman_as_kubernetes_would_run_it(cpu_image, tmp_path):
+    """The Job rendered for cluster=k8s, its two pods run as containers of the project
+    image in one podman pod (shared loopback; <job>-0.<service> resolves to it): the
+    restricted security context holds (read-only root, uid 1000, no capabilities), the
+    ConfigMap's config is what they train, and they form one DDP group."""
+    import yaml
+
+    env = {**os.environ, "TRAINYARD_ROOT": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    out = subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", "submit", "--dry-run", "cluster=k8s",
+         f"cluster.image={cpu_image}", "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2",
+         *SHORT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    config_map, service, job = [d for d in yaml.safe_load_all(out.stdout) if d]
+    pod_spec, name = job["spec"]["template"]["spec"], job["metadata"]["name"]
+    assert pod_spec["containers"][0]["image"] == cpu_image
+    config_dir = tmp_path / "configmap"
+    config_dir.mkdir()
+    for key, text in config_map["data"].items():
+        (config_dir / key).write_text(text)
+    work, pod = _volume(tmp_path), f"trainyard-k8s-{uuid.uuid4().hex[:8]}"
+    master = f"{name}-0.{service['metadata']['name']}"
+    # a Kubernetes pod per node; here the network namespace is shared (the one loopback),
+    # each keeping its own hostname. The kubelet writes a pod's /etc/hosts; so does this test
+    # (the Service's DNS name of pod 0 is this loopback)
+    _podman("pod", "create", f"--name={pod}", "--network=none", "--share=net")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1\tlocalhost\n127.0.0.1\t{master}\n")
+    try:
+        containers = []
+        for index in range(job["spec"]["completions"]):
+            flags = [*_pod_flags(pod_spec, config_dir, work, index, name),
+                     f"--volume={hosts}:/etc/hosts:ro"]  # fmt: skip
+            args = pod_spec["containers"][0]["args"]
+            started = _podman("run", "-d", f"--pod={pod}", *flags, cpu_image, *args)
+            containers.append(started.stdout.strip())
+        codes = [_podman("wait", c, timeout=240, check=False).stdout.strip() for c in containers]
+        logs = [_podman("logs", c).stderr[-3000:] for c in containers]
+        assert codes == ["0", "0"], logs
+    finally:
+        _podman("pod", "rm", "--force", "--time=0", pod, check=False)
+    [run] = [p.parent for p in work.glob("outputs/default/runs/*/status.json")]
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert json.loads((run / "result.json").read_text())["world_size"] == 2
+    assert (run / "config.yaml").read_text() == config_map["data"]["config.yaml"]

@@ -56,7 +56,7 @@ def launch(
         sys.exit(exc.exit_code)
     if wait:
         _wait(records, poll_s)
-    return _returns(job_overrides, planned, failed)
+    return _returns(job_overrides, planned, failed, records)
 
 
 def _plan(launcher: Any, overrides: list[str], job_num: int, adjust) -> Any:
@@ -96,27 +96,52 @@ def _wait(records: list[dict], poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def _returns(job_overrides, planned, failed) -> list[Any]:
+def _reported(records: list[dict]) -> dict[str, dict]:
+    """Trial directory -> the result its backend reports, for trials whose run directory
+    is on storage this machine does not see (Kubernetes pods with cluster.root_dir)."""
+    from trainyard import backends
+    from trainyard.errors import TrainyardError
+
+    found = {}
+    for record in records:
+        fetch = getattr(backends.get(record["backend"]), "results", None)
+        try:
+            reported = fetch(record["job_id"]) if fetch else {}
+        except TrainyardError as exc:  # the trials stay failed for the sweeper, with why
+            log.warning("trainyard: the results of job %s: %s", record["job_id"], exc.message)
+            reported = {}
+        for index, summary in reported.items():
+            if summary.get("state") == "completed" and index < len(record["trials"]):
+                found[record["trials"][index]] = summary
+    return found
+
+
+def _returns(job_overrides, planned, failed, records=()) -> list[Any]:
     from hydra.core.utils import JobReturn, JobStatus
 
     from trainyard import train
     from trainyard.rundir import RunDir, read_json
 
     by_overrides = {tuple(p.overrides): p for p in planned}
+    unseen = [p for p in planned if not RunDir(p.run_dir).result_file.exists()]
+    reported = _reported(list(records)) if unseen else {}
     returns = []
     for index, overrides in enumerate(job_overrides):
         ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
         trial = by_overrides.get(tuple(overrides))
         run = RunDir(trial.run_dir) if trial else None
-        if index in failed or run is None or not run.result_file.exists():
+        if index not in failed and run is not None and run.result_file.exists():
+            ret.return_value = read_json(run.result_file).get("value")
+            ret.working_dir = str(run.root)
+        elif index not in failed and run is not None and str(run.root) in reported:
+            ret.return_value = reported[str(run.root)].get("value")
+            ret.working_dir = str(run.root)
+        else:
             reason = failed.get(index) or (run and run.status()["history"][-1].get("error"))
             where = str(run.root) if run else " ".join(overrides)
             code = getattr(failed.get(index), "exit_code", 3)  # bad input: 2
             train._failed_trials.append((where, str(reason or "did not complete"), code))
             ret.return_value = float("nan")
-        else:
-            ret.return_value = read_json(run.result_file).get("value")
-            ret.working_dir = str(run.root)
         returns.append(ret)
     log.info("%d trial(s) done", len(returns))
     return returns

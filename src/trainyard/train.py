@@ -224,4 +224,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m trainyard.train`: run the module the launchers import (they record failed
+    # trials and hand-overs in trainyard.train, not in this __main__ copy of it)
+    from trainyard import train
+
+    train.main()

@@ -28,6 +28,7 @@ class RecordedApi:
         self.objects: dict[tuple[str, str, str], dict[str, dict]] = {}
         self.requests: list[dict] = []
         self.refuse = None  # (method, plural, body, dry_run) -> (code, reason) or None
+        self.on_create = None  # (plural, stored object) -> None: a controller's part
         self.logs: dict[str, str] = {}
         api = self
 
@@ -130,6 +131,8 @@ class RecordedApi:
         created = {**body, "status": body.get("status") or {}}
         if not dry_run:
             store[name] = created
+            if self.on_create:
+                self.on_create(h.path.split("?")[0].rsplit("/", 1)[-1], created)
         self._send(h, 201, created)
 
     @staticmethod

@@ -184,3 +184,36 @@ def test_no_credentials_stop_a_submission_but_not_a_dry_run(tmp_path):
     assert out.returncode == 2 and "no Kubernetes credentials" in out.stderr
     dry = _cli(tmp_path, "submit", "--dry-run", *SWEEP, kubeconfig=missing)
     assert dry.returncode == 0 and dry.stdout.count("\nkind: Job\n") == 3
+
+
+def test_a_sweep_returns_the_metrics_the_pods_report(tmp_path, api):
+    """``trainyard-train -m cluster=k8s``: the run directories are on the cluster's claim,
+    which this machine does not see; the launcher waits for the Jobs and hands the sweeper
+    the metric pod 0 of each Job left in its termination message."""
+    from tests.conftest import train_cli
+
+    def controller(plural, job):
+        """What the Job controller and the kubelet would report once the pods finished."""
+        if plural != "jobs":
+            return
+        index = int(job["metadata"]["labels"][LABEL_INDEX])
+        job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+        labels = {**job["spec"]["template"]["metadata"]["labels"],
+                  "batch.kubernetes.io/job-completion-index": "0"}  # fmt: skip
+        message = json.dumps({"state": "completed", "value": 0.5 + index, "monitor": "val/acc"})
+        terminated = {"exitCode": 0, "message": message}
+        api.put(CORE, "default", "pods", {
+            "metadata": {"name": f"{job['metadata']['name']}-0", "labels": labels},
+            "spec": {"containers": [{"name": "trainer"}]},
+            "status": {"containerStatuses": [{
+                "name": "trainer", "ready": False, "restartCount": 0, "image": IMAGE,
+                "imageID": "", "state": {"terminated": terminated}}]},
+        })  # fmt: skip
+
+    api.on_create = controller
+    env = {"KUBECONFIG": str(tmp_path / "kubeconfig")}
+    out = train_cli(["-m", "cluster=k8s", f"cluster.image={IMAGE}", "optimizer.lr=0.01,0.02",
+                     "hydra.launcher.poll_s=0.2"], tmp_path, env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]  # a trial without a metric would fail it
+    assert "2 trial(s) done" in out.stdout + out.stderr
+    assert len(api.created("jobs")) == 2

@@ -73,6 +73,9 @@ def test_two_pods_form_a_ddp_group_and_finish(tmp_path):
     assert len(pods) == 2 and all(p["exit_codes"] == [0] for p in pods.values())
     result = json.loads((run / "result.json").read_text())
     assert result["world_size"] == 2 and result["epochs"] == 2
+    # pod 0's termination message carries the metric (for launchers that cannot see the claim)
+    message = next(json.loads(p["message"]) for n, p in pods.items() if n.endswith("-0"))
+    assert message["value"] == result["value"] and message["state"] == "completed"
     # rank 1 ran in pod 1 as its first local rank: node 1 of the group
     rank1 = json.loads((run / "ranks" / "rank1.json").read_text())
     assert rank1["local_rank"] == 0

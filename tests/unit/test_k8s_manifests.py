@@ -196,6 +196,8 @@ def test_the_pieces_fit_together(rendered):
         assert config["trainer"]["devices"] == gpus
         assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
     assert config["trainer"]["num_nodes"] == nodes
+    # pod 0 leaves the metric where Kubernetes reads the termination message from
+    assert env["TRAINYARD_TERMINATION_LOG"] == container["terminationMessagePath"]
     # the config is mounted where the command reads it, from this trial's ConfigMap
     assert container["args"][0] == "trainyard-pod"
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")

@@ -206,6 +206,24 @@ class Api:
             parts.append(f"==> pod {name} <==\n{text}")
         return "".join(parts)
 
+    def results(self, namespace: str, submission: str) -> dict[int, dict[str, Any]]:
+        """Trial index -> the termination message of pod 0 of its Job, parsed."""
+        pods = self._call("listing pods", self.core.list_namespaced_pod, namespace,
+                          label_selector=self._selector(submission, None)).items  # fmt: skip
+        found = {}
+        for pod in pods:
+            labels = pod.metadata.labels or {}
+            if labels.get("batch.kubernetes.io/job-completion-index") != "0":
+                continue
+            for status in (pod.status and pod.status.container_statuses) or []:
+                done = status.state and status.state.terminated
+                if status.name == manifests.CONTAINER and done and done.message:
+                    try:
+                        found[int(labels[manifests.LABEL_INDEX])] = json.loads(done.message)
+                    except (ValueError, KeyError):
+                        continue  # not trainyard's message (a crash's last lines)
+        return found
+
     def delete(self, namespace: str, submission: str, index: int | None) -> None:
         """Delete the trials' Jobs (their pods get SIGTERM: they checkpoint and stop within
         the grace period), then their Services and ConfigMaps."""

@@ -44,6 +44,7 @@ class Runner:
         self.spec = yaml.safe_load(spec_file.read_text())
         self.folder = spec_file.parent
         self.stopping = False
+        self.trial = 0  # the index of the trial whose Job runs now
         self.pods: dict[str, subprocess.Popen] = {}
         self.state: dict[str, Any] = {
             "pid": os.getpid(),
@@ -72,6 +73,7 @@ class Runner:
                 continue
             self.state["trials"][index] = "RUNNING"
             self.save()
+            self.trial = index
             self.state["trials"][index] = self.run_job(trial["objects"])
             self.save()
         return 0 if all(s == "COMPLETED" for s in self.state["trials"]) else 1
@@ -96,7 +98,9 @@ class Runner:
                 code = proc.poll()
                 if code is None:
                     continue
-                self.state["pods"][f"{name}-{index}"]["exit_codes"].append(code)
+                entry = self.state["pods"][f"{name}-{index}"]
+                entry["exit_codes"].append(code)
+                entry["message"] = (self.folder / f"{name}-{index}.termination-log").read_text()
                 self.save()
                 if code == 0:
                     done.add(index)
@@ -138,7 +142,11 @@ class Runner:
         if args[0] in _SCRIPTS:
             args = [sys.executable, *_SCRIPTS[args[0]], *args[1:]]
         pod = f"{name}-{index}"
-        own = {k: _translate(v, mounts) for k, v in env.items()}
+        # the kubelet gives each container a file for its termination message
+        message = self.folder / f"{pod}.termination-log"
+        message.write_text("")
+        own = {k: _translate(v, {**mounts, container["terminationMessagePath"]: str(message)})
+               for k, v in env.items()}  # fmt: skip
         pod_env = {**os.environ, **own, "JOB_COMPLETION_INDEX": str(index), "HOSTNAME": pod}
         attempts[index] += 1
         log = self.folder / f"{pod}.log"
@@ -149,7 +157,7 @@ class Runner:
                 args, env=pod_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.pods[pod] = proc
-        entry = self.state["pods"].setdefault(pod, {"exit_codes": []})
+        entry = self.state["pods"].setdefault(pod, {"exit_codes": [], "trial": self.trial})
         entry.update(pid=proc.pid, attempt=attempts[index])
         self.save()
 

@@ -20,6 +20,8 @@ step is failed instead of started again.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import time
@@ -93,7 +95,23 @@ def _first_pod(cfg, run: RunDir, where) -> int:
     generation = uuid.uuid4().hex[:12]
     write_json(_rendezvous(run), {"generation": generation, "pod": os.environ.get("HOSTNAME")})
     run_prepared(run.root, placement(cfg, generation)[1])
+    _report(run)
     return 0
+
+
+def _report(run: RunDir) -> None:
+    """Leave the trial's metric in the pod's termination message (its status, at most 4 KiB),
+    where a sweep's launcher reads it when the claim is not mounted where it runs."""
+    from trainyard.rundir import read_json
+
+    path = os.environ.get("TRAINYARD_TERMINATION_LOG")
+    if not path or not run.result_file.exists():
+        return
+    result = read_json(run.result_file)
+    summary = {"state": "completed", "monitor": result.get("monitor"),
+               "value": result.get("value"), "run_dir": str(run.root)}  # fmt: skip
+    with contextlib.suppress(OSError):  # no termination log: the claim holds the result
+        Path(path).write_text(json.dumps(summary))
 
 
 def _rendezvous(run: RunDir, node: int = 0) -> Path:

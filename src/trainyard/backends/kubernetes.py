@@ -162,6 +162,18 @@ class KubernetesBackend(Backend):
         states = k8s_api.Api(self._api_client()).states(namespace, submission)
         return {k: v for k, v in states.items() if index is None or k == job_id}
 
+    def results(self, job_id: str) -> dict[int, dict[str, Any]]:
+        """Trial index -> what pod 0 of its Job left in its termination message (the
+        metric), for launchers that cannot read the claim the run directories are on."""
+        if job_id.startswith(LOCAL):
+            pods = _local_state(job_id).get("pods", {})
+            return {p["trial"]: json.loads(p["message"]) for name, p in pods.items()
+                    if name.endswith("-0") and p.get("message")}  # fmt: skip
+        from trainyard.backends import k8s_api
+
+        namespace, submission, _ = _parse(job_id)
+        return k8s_api.Api(self._api_client()).results(namespace, submission)
+
     def logs(self, job_id: str, log_dir: Path | None = None) -> str:
         if job_id.startswith(LOCAL):
             return _local_logs(job_id)

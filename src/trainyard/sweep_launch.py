@@ -32,6 +32,7 @@ def launch(
     wait: bool = True,
     poll_s: float = 2.0,
     adjust: Callable[[DictConfig], None] | None = None,
+    forget_after_s: float = 30.0,
 ) -> list[Any]:
     """``adjust(sweep_config)``: a launcher's last word on a trial's composed config (with
     its ``hydra`` node) before it is frozen."""
@@ -55,7 +56,7 @@ def launch(
         print(f"trainyard: {exc.render()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if wait:
-        _wait(records, poll_s)
+        _wait(records, poll_s, forget_after_s)
     return _returns(job_overrides, planned, failed, records)
 
 
@@ -77,16 +78,28 @@ def _plan(launcher: Any, overrides: list[str], job_num: int, adjust) -> Any:
     return Planned(overrides, sweep, run_dir)
 
 
-def _wait(records: list[dict], poll_s: float) -> None:
+def _wait(records: list[dict], poll_s: float, forget_after_s: float) -> None:
+    """Until every trial is done, or its job ended or is gone: a job the scheduler no longer
+    knows for ``forget_after_s`` (deleted, cancelled, expired) is over."""
     from trainyard import backends, signals
+    from trainyard.errors import TrainyardError
     from trainyard.rundir import RunDir
 
+    unknown_since: dict[str, float] = {}
     while True:
         pending = []
         for record in records:
-            scheduler = backends.get(record["backend"]).status(record["job_id"])
+            try:
+                scheduler = backends.get(record["backend"]).status(record["job_id"])
+            except TrainyardError as exc:  # a blip of the scheduler: ask again next time
+                log.warning("trainyard: state of job %s: %s", record["job_id"], exc.message)
+                scheduler = {record["job_id"]: "UNKNOWN"}
+            if scheduler:
+                unknown_since.pop(record["job_id"], None)
+            first = unknown_since.setdefault(record["job_id"], time.monotonic())
+            forgotten = not scheduler and time.monotonic() - first > forget_after_s
             gone = scheduler and all(s.split()[0] in _GONE for s in scheduler.values())
-            if not gone:
+            if not (gone or forgotten):
                 pending += [t for t in record["trials"] if RunDir(t).state not in _DONE]
         if not pending:
             return

@@ -27,6 +27,7 @@ class RecordedApi:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, dict]] = {}
         self.requests: list[dict] = []
+        self.uids = 0
         self.refuse = None  # (method, plural, body, dry_run) -> (code, reason) or None
         self.on_create = None  # (plural, stored object) -> None: a controller's part
         self.logs: dict[str, str] = {}
@@ -93,19 +94,28 @@ class RecordedApi:
         dry_run = query.get("dryRun") == "All"
         self.requests.append({"method": h.command, "plural": plural, "name": name,
                               "query": query, "body": body, "dry_run": dry_run,
-                              "auth": h.headers.get("Authorization")})  # fmt: skip
+                              "auth": h.headers.get("Authorization"),
+                              "content_type": h.headers.get("Content-Type")})  # fmt: skip
         refused = self.refuse(h.command, plural, body, dry_run) if self.refuse else None
         if refused:
             code, reason = refused
             return self._send(h, code, _status(code, reason, f"{plural} refused: {reason}"))
         store = self.objects.setdefault((gv, ns, plural), {})
         if sub == "log":
-            return self._send(h, 200, self.logs.get(name, ""), text=True)
+            if name not in self.logs:  # as for a container still waiting to start
+                message = f'container "trainer" in pod "{name}" is waiting to start'
+                return self._send(h, 400, _status(400, "BadRequest", message))
+            return self._send(h, 200, self.logs[name], text=True)
         if h.command == "POST":
             return self._create(h, store, body, dry_run)
         if h.command == "PUT":
             store[name] = body
             return self._send(h, 200, body)
+        if h.command == "PATCH":  # a merge patch of the stored object
+            if name not in store:
+                return self._send(h, 404, _status(404, "NotFound", f"{plural} {name}"))
+            store[name] = _merged(store[name], body)
+            return self._send(h, 200, store[name])
         if h.command == "GET":
             if name:
                 if name not in store:
@@ -119,16 +129,19 @@ class RecordedApi:
                                          if _selected(o, query.get("labelSelector"))]  # fmt: skip
             if name and name not in store:
                 return self._send(h, 404, _status(404, "NotFound", f"{plural} {name}"))
-            for n in names:
-                del store[n]
+            deleted = [store.pop(n) for n in names]
+            if name:  # one object: the API server answers with what it deleted
+                return self._send(h, 200, deleted[0])
             return self._send(h, 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
         return self._send(h, 405, _status(405, "MethodNotAllowed", h.command))
 
     def _create(self, h, store: dict, body: dict, dry_run: bool) -> None:
         name = body["metadata"]["name"]
-        if name in store and not dry_run:
+        if name in store:  # a dry run is refused alike, as the API server refuses it
             return self._send(h, 409, _status(409, "AlreadyExists", f"{name} already exists"))
-        created = {**body, "status": body.get("status") or {}}
+        self.uids += 1
+        metadata = {**body["metadata"], "uid": f"uid-{self.uids}"}
+        created = {**body, "metadata": metadata, "status": body.get("status") or {}}
         if not dry_run:
             store[name] = created
             if self.on_create:
@@ -148,6 +161,13 @@ class RecordedApi:
 def _status(code: int, reason: str, message: str) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
             "reason": reason, "message": message}  # fmt: skip
+
+
+def _merged(stored: dict, patch: dict) -> dict:
+    out = dict(stored)
+    for key, value in patch.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def _selected(obj: dict, selector: str | None) -> bool:

@@ -42,11 +42,14 @@ def _cli(root: Path, *args: str, kubeconfig: Path | None = None) -> subprocess.C
 
 
 def _without_submission(doc: dict) -> dict:
-    """A manifest less the label that differs between two submissions."""
+    """A manifest less the label that differs between two submissions, and what the
+    submission adds to it: the Job created suspended, its ConfigMap and Service owned by it."""
     doc = json.loads(json.dumps(doc))
     for meta in _metas(doc):
         meta.get("labels", {}).pop(LABEL_SUBMISSION, None)
     doc.pop("status", None)
+    doc["metadata"].pop("ownerReferences", None)
+    doc["spec"].pop("suspend", None) if "spec" in doc else None
     return doc
 
 
@@ -69,8 +72,24 @@ def test_submit_sends_exactly_what_the_dry_run_renders(tmp_path, api):
     out = _cli(tmp_path, "submit", *SWEEP)
     assert out.returncode == 0, out.stderr
     sent = api.created()
-    assert [d["kind"] for d in sent] == ["ConfigMap", "Service", "Job"] * 3
-    assert [_without_submission(d) for d in sent] == [_without_submission(d) for d in rendered]
+    # each trial: its Job suspended, then the ConfigMap and Service it owns, then started
+    assert [d["kind"] for d in sent] == ["Job", "ConfigMap", "Service"] * 3
+    key = lambda d: (d["metadata"]["name"], d["kind"])  # noqa: E731
+    assert sorted(map(_without_submission, sent), key=key) == sorted(
+        map(_without_submission, rendered), key=key
+    )
+    jobs = api.stored(BATCH, "default", "jobs")
+    for job, config_map, service in zip(sent[::3], sent[1::3], sent[2::3], strict=True):
+        assert job["spec"]["suspend"] is True
+        stored = jobs[job["metadata"]["name"]]
+        assert stored["spec"]["suspend"] is False  # started once its ConfigMap existed
+        for owned in (config_map, service):
+            [owner] = owned["metadata"]["ownerReferences"]
+            assert owner["uid"] == stored["metadata"]["uid"] and owner["kind"] == "Job"
+            assert owner["blockOwnerDeletion"] is True
+    patches = [r for r in api.requests if r["method"] == "PATCH"]
+    assert len(patches) == 3 and all(r["body"] == {"spec": {"suspend": False}} for r in patches)
+    assert {r["content_type"] for r in patches} == {"application/strategic-merge-patch+json"}
     assert {r["auth"] for r in api.requests} == {"Bearer test-token"}  # the kubeconfig's user
     submissions = {d["metadata"]["labels"][LABEL_SUBMISSION] for d in sent}
     assert len(submissions) == 1
@@ -106,9 +125,20 @@ def test_status_logs_and_cancel_follow_the_jobs(tmp_path, api):
         api.put(CORE, "default", "pods", {"metadata": {"name": f"{name}-{node}", "labels": labels},
                                           "spec": {"containers": []}})  # fmt: skip
         api.logs[f"{name}-{node}"] = f"hello from node {node}\n"
+    api.put(
+        CORE,
+        "default",
+        "pods",
+        {
+            "metadata": {"name": f"{name}-2", "labels": labels},
+            "spec": {"containers": []},
+            "status": {"phase": "Pending"},
+        },
+    )
     logs = _cli(tmp_path, "logs", str(trials[1]))
     assert logs.returncode == 0, logs.stderr
     assert "hello from node 0" in logs.stdout and "hello from node 1" in logs.stdout
+    assert "(no log: the pod is Pending" in logs.stdout  # a pod still starting
     # cancel one trial: only its objects go
     out = _cli(tmp_path, "cancel", str(trials[1]))
     assert out.returncode == 0, out.stderr
@@ -217,3 +247,68 @@ def test_a_sweep_returns_the_metrics_the_pods_report(tmp_path, api):
     assert out.returncode == 0, out.stderr[-3000:]  # a trial without a metric would fail it
     assert "2 trial(s) done" in out.stdout + out.stderr
     assert len(api.created("jobs")) == 2
+
+
+def test_a_resubmission_touches_nothing_of_a_trial_still_running(tmp_path, api):
+    """Another checkout (another root) submits a trial whose Job still runs: refused, and
+    its ConfigMap, Service and Job stay as they were."""
+    first = tmp_path / "a"
+    first.mkdir()
+    api.kubeconfig(first / "kubeconfig")
+    assert _cli(first, "submit", *SWEEP[:2]).returncode == 0
+    for job in api.stored(BATCH, "default", "jobs").values():
+        job["status"] = {"active": 1, "ready": 1}
+    snapshot = lambda: json.dumps(sorted((list(k), v) for k, v in api.objects.items()))  # noqa: E731
+    before = snapshot()
+    requests = len(api.requests)
+    second = tmp_path / "b"
+    second.mkdir()
+    api.kubeconfig(second / "kubeconfig")
+    out = _cli(second, "submit", *SWEEP[:2], "cluster.max_requeues_without_progress=9")
+    assert out.returncode == 2 and "already exists and is running" in out.stderr
+    assert "nothing was changed" in out.stderr
+    assert snapshot() == before
+    changes = [r for r in api.requests[requests:] if r["method"] != "GET" and not r["dry_run"]]
+    assert changes == []
+
+
+def test_a_finished_trial_sent_again_replaces_its_job(tmp_path, api):
+    assert _cli(tmp_path, "submit", *SWEEP[:2]).returncode == 0
+    [job] = api.stored(BATCH, "default", "jobs").values()
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True"}]}
+    old_uid = job["metadata"]["uid"]
+    (next((tmp_path / "outputs").rglob("submission.json"))).unlink()  # another machine
+    out = _cli(tmp_path, "submit", *SWEEP[:2])
+    assert out.returncode == 0, out.stderr
+    [job] = api.stored(BATCH, "default", "jobs").values()
+    assert job["metadata"]["uid"] != old_uid and job["spec"]["suspend"] is False
+    deletes = [r for r in api.requests if r["method"] == "DELETE"]
+    assert deletes[0]["plural"] == "jobs" and deletes[0]["body"]["propagationPolicy"] == (
+        "Foreground"
+    )
+
+
+def test_the_sweep_driver_survives_a_blip_and_ends_when_its_jobs_are_gone(tmp_path, api):
+    """One 503 while the driver polls is retried; Jobs deleted under it (trainyard cancel,
+    kubectl delete, ttl) end the wait instead of hanging it: their trials are failed."""
+    from tests.conftest import train_cli
+
+    polls = []
+
+    def blip_then_delete(method, plural, body, dry_run):
+        if method == "GET" and plural == "jobs" and api.requests[-1]["name"] is None:  # a list
+            polls.append(1)
+            if len(polls) == 1:
+                return 503, "ServiceUnavailable"
+            if len(polls) == 3:  # someone deletes the Jobs while the driver waits
+                api.stored(BATCH, "default", "jobs").clear()
+        return None
+
+    api.refuse = blip_then_delete
+    env = {"KUBECONFIG": str(tmp_path / "kubeconfig")}
+    out = train_cli(["-m", "cluster=k8s", f"cluster.image={IMAGE}", "optimizer.lr=0.01,0.02",
+                     "hydra.launcher.poll_s=0.2", "hydra.launcher.forget_after_s=2"],
+                    tmp_path, env=env, timeout=120)  # fmt: skip
+    assert "503" in out.stdout + out.stderr and "Traceback" not in out.stderr  # logged, retried
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "2 trial(s) of the sweep failed" in out.stderr

@@ -93,6 +93,38 @@ def test_two_pods_form_a_ddp_group_and_finish(tmp_path):
     assert row["state"] == "completed" and row["scheduler"] == "COMPLETED"
     logs = _cli(tmp_path, "logs", str(run)).stdout
     assert "attempt 1" in logs and "GLOBAL_RANK: 1" in logs
+    # a new pod 0 of a completed trial (a sweep sent again) trains nothing and still reports
+    config = tmp_path / "configmap.yaml"
+    config.write_text(config_map["data"]["config.yaml"])
+    again = _pod(config, 0, tmp_path / "termination-log")
+    assert again.wait(timeout=120) == 0
+    assert json.loads((tmp_path / "termination-log").read_text())["value"] == result["value"]
+    assert json.loads((run / "status.json").read_text())["attempt"] == 1
+
+
+def _pod(config: Path, index: int, termination: Path | None = None) -> subprocess.Popen:
+    """The pod template's command, as the image runs it, for pod ``index``."""
+    env = {**os.environ, "JOB_COMPLETION_INDEX": str(index), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29591", "TRAINYARD_TERMINATION_LOG": str(termination or "")}  # fmt: skip
+    command = [sys.executable, "-m", "trainyard.backends.k8s_pod", str(config)]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_a_pod_waiting_for_pod_0_stops_at_once_on_sigterm(tmp_path):
+    """Pod 1 waits for pod 0 (still pending, say); deleting the Job must not leave it
+    waiting out the grace period."""
+    dry = _cli(tmp_path, "submit", "--dry-run", *TWO_NODES)
+    assert dry.returncode == 0, dry.stderr
+    config_map = next(d for d in yaml.safe_load_all(dry.stdout) if d and d["kind"] == "ConfigMap")
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map["data"]["config.yaml"])
+    pod = _pod(config, 1)
+    time.sleep(3)
+    assert pod.poll() is None  # waiting
+    pod.send_signal(signal.SIGTERM)
+    assert pod.wait(timeout=15) == 75, pod.stdout.read()
 
 
 def test_a_sigterm_to_one_pod_checkpoints_and_the_replaced_pods_resume(tmp_path):
@@ -144,3 +176,25 @@ def test_a_sweep_through_the_hydra_launcher_runs_every_trial_as_a_job(tmp_path):
     states = list((runs[0].parent / "k8s").glob("*/state.json"))
     assert len(states) == 1  # one submission: both trials, one after the other
     assert json.loads(states[0].read_text())["trials"] == ["COMPLETED", "COMPLETED"]
+
+
+def test_a_lost_node_restarts_the_group_which_resumes(tmp_path):
+    """Pod 1 is killed outright (its node is lost: no SIGTERM, no checkpoint). Pod 0's ranks
+    fail in their collectives; both failures count once against the Job's backoff limit
+    (cluster.backoff_limit per node), the Job replaces both pods, and the trial resumes
+    from the last.ckpt of its last finished epoch."""
+    args = [*TWO_NODES, "trainer.max_epochs=6", "callbacks.early_stopping=null",
+            "cluster.backoff_limit=1"]  # fmt: skip
+    assert _cli(tmp_path, "submit", *args).returncode == 0
+    run = _wait(lambda: run_dirs(tmp_path) and run_dirs(tmp_path)[0])
+    _wait(lambda: (run / "checkpoints" / "last.ckpt").exists())
+    pod1 = next(p for name, p in _runner_state(run)["pods"].items() if name.endswith("-1"))
+    os.kill(pod1["pid"], signal.SIGKILL)
+    state = _wait(lambda: _runner_state(run).get("trials") != ["RUNNING"] and _runner_state(run),
+                  timeout=300)  # fmt: skip
+    assert state["trials"] == ["COMPLETED"], state
+    codes = sorted(tuple(p["exit_codes"]) for p in state["pods"].values())
+    assert codes == [(-9, 0), (3, 0)], codes
+    history = _status(run)["history"]
+    assert _status(run)["state"] == "completed" and _status(run)["attempt"] == 2
+    assert next(h for h in history if h.get("resumed_from"))["resumed_from"].endswith("last.ckpt")

@@ -174,6 +174,18 @@ def test_the_pieces_fit_together(rendered):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert spec["completions"] == spec["parallelism"] == nodes
     assert spec["completionMode"] == "Indexed"
+    # one failure of a multi-node group ends every pod of it: counted once per failure
+    if top["kind"] == "Job":
+        assert spec["backoffLimit"] == 3 * nodes
+    else:  # a failed pod fails its Job; the JobSet restarts the group
+        assert spec["backoffLimit"] == 0 and top["spec"]["failurePolicy"]["maxRestarts"] == 3
+    # GPU pods get the GPU overlay's resources, whichever kind runs them
+    gpu_overlay = next(d for d in kustomize.build(K8S / "overlays/gpu") if d["kind"] == "Job")
+    gpu_resources = gpu_overlay["spec"]["template"]["spec"]["containers"][0]["resources"]
+    if gpus:
+        resources = pod["spec"]["containers"][0]["resources"]
+        assert resources["limits"]["memory"] == gpu_resources["limits"]["memory"]
+        assert resources["requests"]["cpu"] == gpu_resources["requests"]["cpu"]
     if top["kind"] == "Job":
         service = docs[1]
         assert service["spec"]["clusterIP"] == "None"

@@ -37,6 +37,8 @@ class TrainyardK8sConf:
     # wait for the trials and hand their returns to the sweeper; false: submit and return
     wait: bool = True
     poll_s: float = 2.0
+    # a Job the API server no longer knows for this long (deleted, expired) has ended
+    forget_after_s: float = 30.0
     # for apps without a `cluster` section (trainyard's own read cluster.*)
     namespace: str = "default"
     image: Any = None  # the app's image, with its tag
@@ -53,8 +55,11 @@ ConfigStore.instance().store(group="hydra/launcher", name="trainyard_k8s", node=
 
 
 class TrainyardK8sLauncher(Launcher):
-    def __init__(self, wait: bool = True, poll_s: float = 2.0, **settings: Any) -> None:
+    def __init__(
+        self, wait: bool = True, poll_s: float = 2.0, forget_after_s: float = 30.0, **settings: Any
+    ) -> None:
         self.wait, self.poll_s, self.settings = wait, poll_s, settings
+        self.forget_after_s = forget_after_s
         self.config: Any = None
         self.hydra_context: Any = None
         self.task_function: Any = None
@@ -68,7 +73,10 @@ class TrainyardK8sLauncher(Launcher):
         from trainyard import sweep_launch
 
         if OmegaConf.select(self.config, "cluster.backend") is not None:  # trainyard's trials
-            return sweep_launch.launch(self, job_overrides, initial_job_idx, self.wait, self.poll_s)
+            return sweep_launch.launch(
+                self, job_overrides, initial_job_idx, self.wait, self.poll_s,
+                forget_after_s=self.forget_after_s,
+            )  # fmt: skip
         return self._launch_tasks(list(job_overrides), initial_job_idx)
 
     def _launch_tasks(self, job_overrides: list, initial_job_idx: int) -> list:
@@ -97,7 +105,7 @@ class TrainyardK8sLauncher(Launcher):
         job_id, backend = self._submit(cluster, trials, objects, folder)
         if not self.wait:
             return []
-        _wait(backend, job_id, returns, self.poll_s)
+        _wait(backend, job_id, returns, self.poll_s, self.forget_after_s)
         return [_read_return(path, overrides) for path, overrides in zip(returns, job_overrides,
                                                                          strict=True)]  # fmt: skip
 
@@ -109,6 +117,7 @@ class TrainyardK8sLauncher(Launcher):
         from omegaconf import open_dict
 
         from trainyard.backends import k8s_manifests as manifests
+        from trainyard.errors import ConfigError
 
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config.hydra.job):
@@ -122,11 +131,26 @@ class TrainyardK8sLauncher(Launcher):
             "return_file": str(folder / f"{number}.return.pkl"),
         }
         name = manifests.job_name(folder / str(number), "hydra", "")
-        image = str(cluster.get("image") or "hydra-app:local")
-        docs = manifests.render_trial(cluster, resources, image, name, "", {})
+        image = cluster.get("image")
+        if not image and not cluster.get("local_pods"):
+            raise ConfigError(
+                "hydra.launcher.image is not set: the pods need an image holding the app",
+                fix="hydra.launcher.image=<registry>/<app>:<tag> (or "
+                "hydra.launcher.local_pods=true to run the pods here)",
+            )
+        if str(image).endswith(":latest"):
+            raise ConfigError(f"hydra.launcher.image={image}: name the image by its tag",
+                              fix="hydra.launcher.image=<registry>/<app>:<tag>")  # fmt: skip
+        docs = manifests.render_trial(cluster, resources, str(image or "local"), name, "", {})
         config_map = docs[0]
         config_map["data"] = {}
-        config_map["binaryData"] = {"task.pkl": base64.b64encode(cloudpickle.dumps(task)).decode()}
+        payload = cloudpickle.dumps(task)
+        if len(payload) * 4 // 3 > manifests.CONFIGMAP_MAX:
+            raise ConfigError(
+                f"trial {number} pickles to {len(payload)} bytes: a ConfigMap holds 1 MiB",
+                fix="keep large objects out of the config and the task function's closure",
+            )
+        config_map["binaryData"] = {"task.pkl": base64.b64encode(payload).decode()}
         container = docs[-1]["spec"]["template"]["spec"]["containers"][0]
         container["args"] = ["python", "-m", "hydra_plugins.trainyard.k8s_task",
                              f"{manifests.CONFIG_MOUNT}/task.pkl"]  # fmt: skip
@@ -159,16 +183,26 @@ class TrainyardK8sLauncher(Launcher):
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED")
 
 
-def _wait(backend, job_id: str, returns: list, poll_s: float) -> None:
+def _wait(backend, job_id: str, returns: list, poll_s: float, forget_after_s: float) -> None:
+    """Until every trial left its return, or its Job ended or is gone (deleted, expired)."""
     import time
 
-    while True:
-        if all(path.exists() for path in returns):
+    from trainyard.errors import TrainyardError
+
+    unknown_since = time.monotonic()
+    while not all(path.exists() for path in returns):
+        try:
+            states = backend.status(job_id)
+        except TrainyardError as exc:  # a blip of the API server: ask again next time
+            log.warning("trainyard: state of %s: %s", job_id, exc.message)
+            states = {job_id: "UNKNOWN"}
+        if states:
+            unknown_since = time.monotonic()
+        elif time.monotonic() - unknown_since > forget_after_s:
             return
-        states = backend.status(job_id)
         if states and all(s in _ENDED for s in states.values()):
             return
-        time.sleep(min(poll_s, 0.5))
+        time.sleep(poll_s)
 
 
 def _read_return(path: Path, overrides) -> Any:

@@ -10,6 +10,7 @@ reached.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from typing import Any
@@ -20,9 +21,9 @@ from trainyard.backends.kubernetes import KubernetesError
 
 _JOBSET = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 _RBAC = (
-    "a Role in the namespace allowing create, get, list, patch and delete on jobs "
-    "(batch), services, configmaps and jobsets (jobset.x-k8s.io), get and list on pods, "
-    "pods/log and persistentvolumeclaims"
+    "a Role in the namespace allowing create, get, list, patch, delete and deletecollection "
+    "on jobs (batch), services, configmaps and jobsets (jobset.x-k8s.io), and get and list "
+    "on pods, pods/log and persistentvolumeclaims"
 )
 
 
@@ -57,78 +58,129 @@ class Api:
 
     # --- creating ---------------------------------------------------------------------
 
-    def create(self, obj: dict[str, Any], dry_run: bool = False) -> None:
+    def create(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """Create ``obj`` (``dry_run``: ask the server whether it would); the server's copy."""
         kind, namespace = obj["kind"], obj["metadata"]["namespace"]
         extra = {"dry_run": "All"} if dry_run else {}
         what = f"{'checking' if dry_run else 'creating'} {kind} {namespace}/{_name(obj)}"
         if kind == "ConfigMap":
-            self._call(what, self.core.create_namespaced_config_map, namespace, obj, **extra)
+            made = self._call(what, self.core.create_namespaced_config_map, namespace, obj, **extra)
         elif kind == "Service":
-            self._call(what, self.core.create_namespaced_service, namespace, obj, **extra)
+            made = self._call(what, self.core.create_namespaced_service, namespace, obj, **extra)
         elif kind == "Job":
-            self._call(what, self.batch.create_namespaced_job, namespace, obj, **extra)
+            made = self._call(what, self.batch.create_namespaced_job, namespace, obj, **extra)
         elif kind == "JobSet":
             create = self.custom.create_namespaced_custom_object
-            self._call(what, create, *_JOBSET[:2], namespace, _JOBSET[2], obj, **extra)
+            made = self._call(what, create, *_JOBSET[:2], namespace, _JOBSET[2], obj, **extra)
         else:
             raise ValueError(f"trainyard does not create {kind}")
+        return made if isinstance(made, dict) else self.client.sanitize_for_serialization(made)
 
     def create_trial(self, objects: list[dict[str, Any]]) -> None:
-        """Create a trial's objects, the Job last (its pods mount the ConfigMap). A trial
-        sent before keeps its Service; its ConfigMap is replaced; its Job, when finished,
-        is deleted first (a running one is refused: the trial is still training)."""
-        for obj in objects:
-            try:
-                self.create(obj)
-            except KubernetesError as exc:
-                if getattr(exc, "status", None) != 409:
-                    raise
-                self._exists(obj)
+        """Create a trial's objects: its Job (or JobSet) first and suspended, then the
+        ConfigMap and Service it owns (``ownerReferences``: deleting the Job deletes them,
+        so they never outlive it), then the Job is resumed and its pods start.
 
-    def _exists(self, obj: dict[str, Any]) -> None:
-        kind, namespace, name = obj["kind"], obj["metadata"]["namespace"], _name(obj)
-        if kind == "Service":
-            return
-        if kind == "ConfigMap":
-            replace = self.core.replace_namespaced_config_map
-            self._call(f"replacing ConfigMap {name}", replace, name, namespace, obj)
-            return
-        state = self._state(self._read(kind, namespace, name))
-        if state not in ("COMPLETED", "FAILED"):
-            raise KubernetesError(
-                f"{kind} {namespace}/{name} already exists and is {state.lower()}: this "
-                "trial is being trained by an earlier submission",
-                fix=f"wait for it, or kubectl delete {kind.lower()} -n {namespace} {name}",
-            )
-        self._delete_one(kind, namespace, name)
-        self.create(obj)
+        A trial sent before: while its Job runs, nothing is touched (the trial is still
+        training) and the submission is refused; a finished one is deleted first, with
+        what it owns. A failure half way deletes what this call created."""
+        top, parts = objects[-1], objects[:-1]
+        kind, namespace, name = top["kind"], top["metadata"]["namespace"], _name(top)
+        existing = self._find(kind, namespace, name)
+        if existing is not None:
+            state = self._state(existing)
+            if state not in ("COMPLETED", "FAILED"):
+                raise KubernetesError(
+                    f"{kind} {namespace}/{name} already exists and is {state.lower()}: this "
+                    "trial is being trained by an earlier submission (nothing was changed)",
+                    fix=f"wait for it, or trainyard cancel <its run directory> (or kubectl "
+                    f"delete {kind.lower()} -n {namespace} {name})",
+                )
+            self._delete_one(kind, namespace, name)
+        created = self.create(_suspended(top))
+        owner = {"apiVersion": top["apiVersion"], "kind": kind, "name": name,
+                 "uid": created["metadata"]["uid"], "controller": True,
+                 "blockOwnerDeletion": True}  # fmt: skip
+        try:
+            for part in parts:
+                owned = copy.deepcopy(part)
+                owned["metadata"]["ownerReferences"] = [owner]
+                self._create_replacing(owned)
+            self._resume(kind, namespace, name)
+        except KubernetesError:
+            self._delete_one(kind, namespace, name)
+            raise
+
+    def _create_replacing(self, obj: dict[str, Any]) -> None:
+        """Create ``obj``; one of its name left behind (by a Job deleted without its
+        dependents) is deleted first."""
+        try:
+            self.create(obj)
+        except KubernetesError as exc:
+            if getattr(exc, "status", None) != 409:
+                raise
+            self._delete_one(obj["kind"], obj["metadata"]["namespace"], _name(obj))
+            self.create(obj)
+
+    def _resume(self, kind: str, namespace: str, name: str) -> None:
+        body = {"spec": {"suspend": False}}
+        if kind == "Job":
+            patch = self.batch.patch_namespaced_job
+            self._call(f"starting Job {name}", patch, name, namespace, body)
+        else:
+            patch = self.custom.patch_namespaced_custom_object
+            self._call(f"starting JobSet {name}", patch, *_JOBSET[:2], namespace, _JOBSET[2],
+                       name, body)  # fmt: skip
+
+    def _find(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._read(kind, namespace, name)
+        except KubernetesError as exc:
+            if getattr(exc, "status", None) == 404:
+                return None
+            raise
 
     def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        what = f"reading {kind} {namespace}/{name}"
         if kind == "Job":
-            job = self._call(f"reading Job {name}", self.batch.read_namespaced_job, name, namespace)
+            job = self._call(what, self.batch.read_namespaced_job, name, namespace)
             return self.client.sanitize_for_serialization(job)
+        if kind == "ConfigMap":
+            return self._call(what, self.core.read_namespaced_config_map, name, namespace)
+        if kind == "Service":
+            return self._call(what, self.core.read_namespaced_service, name, namespace)
         get = self.custom.get_namespaced_custom_object
-        return self._call(f"reading JobSet {name}", get, *_JOBSET[:2], namespace, _JOBSET[2], name)
+        return self._call(what, get, *_JOBSET[:2], namespace, _JOBSET[2], name)
 
-    def _delete_one(self, kind: str, namespace: str, name: str, wait_s: float = 60) -> None:
+    def _delete_one(self, kind: str, namespace: str, name: str, wait_s: float = 120) -> None:
+        """Delete one object and wait until it is gone (a new one of the same name waits for
+        it); a Job's or JobSet's pods and dependents go first (foreground)."""
         from kubernetes import client
 
         body = client.V1DeleteOptions(propagation_policy="Foreground")
-        if kind == "Job":
-            self._call(f"deleting Job {name}", self.batch.delete_namespaced_job, name, namespace,
-                       body=body)  # fmt: skip
-        else:
-            delete = self.custom.delete_namespaced_custom_object
-            self._call(f"deleting JobSet {name}", delete, *_JOBSET[:2], namespace, _JOBSET[2],
-                       name, body=body)  # fmt: skip
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:  # a new Job of the same name waits for it
-            try:
-                self._read(kind, namespace, name)
-            except KubernetesError as exc:
-                if getattr(exc, "status", None) == 404:
-                    return
+        what = f"deleting {kind} {namespace}/{name}"
+        delete = {
+            "Job": self.batch.delete_namespaced_job,
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "Service": self.core.delete_namespaced_service,
+        }.get(kind)
+        try:
+            if delete is not None:
+                self._call(what, delete, name, namespace, body=body)
+            else:
+                delete = self.custom.delete_namespaced_custom_object
+                self._call(what, delete, *_JOBSET[:2], namespace, _JOBSET[2], name, body=body)
+        except KubernetesError as exc:
+            if getattr(exc, "status", None) != 404:
                 raise
+        deadline = time.monotonic() + wait_s
+        while self._find(kind, namespace, name) is not None:
+            if time.monotonic() > deadline:
+                raise KubernetesError(
+                    f"{kind} {namespace}/{name} is still being deleted after {wait_s:.0f} s",
+                    fix=f"submit again once kubectl get -n {namespace} {kind.lower()} {name} "
+                    "finds nothing",
+                )
             time.sleep(1)
 
     def require_claim(self, namespace: str, claim: str) -> None:
@@ -201,8 +253,12 @@ class Api:
         for pod in pods:
             read = self.core.read_namespaced_pod_log
             name = pod.metadata.name
-            text = self._call(f"reading the log of pod {name}", read, name, namespace,
-                              container=manifests.CONTAINER)  # fmt: skip
+            try:
+                text = self._call(f"reading the log of pod {name}", read, name, namespace,
+                                  container=manifests.CONTAINER)  # fmt: skip
+            except KubernetesError as exc:  # a pod still waiting to start has no log yet
+                phase = pod.status.phase if pod.status else "unknown"
+                text = f"(no log: the pod is {phase}; {exc.message.splitlines()[0]})\n"
             parts.append(f"==> pod {name} <==\n{text}")
         return "".join(parts)
 
@@ -284,3 +340,10 @@ class Api:
 
 def _name(obj: dict[str, Any]) -> str:
     return obj["metadata"]["name"]
+
+
+def _suspended(top: dict[str, Any]) -> dict[str, Any]:
+    """The Job (or JobSet) created suspended: no pod starts before its ConfigMap exists."""
+    suspended = copy.deepcopy(top)
+    suspended["spec"]["suspend"] = True
+    return suspended

@@ -168,7 +168,14 @@ def render_trial(
         _meta(jobset, job, namespace, all_labels)
         jobset["spec"]["failurePolicy"]["maxRestarts"] = int(cluster.get("backoff_limit", 3))
         spec = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+        if resources.gpus_per_node:  # the JobSet's pods as overlays/gpu makes the Job's
+            from trainyard.kustomize import merge
+
+            spec["template"] = merge(spec["template"], _gpu_patch()["spec"]["template"])
         _job_spec(spec, cluster, resources, image, job, all_labels, f"{job}-node-0-0.{job}")
+        # a failed pod fails its Job at once and the JobSet restarts the whole group (at
+        # most maxRestarts times): retries are counted once, by the JobSet
+        spec["backoffLimit"] = 0
         return [config_map, jobset]
     service = _named(base, "Service")
     _meta(service, job, namespace, all_labels)
@@ -204,13 +211,16 @@ def _user_labels(cluster: dict[str, Any]) -> dict[str, str]:
 def _job_spec(spec, cluster, resources, image, job, labels, master: str) -> None:
     """Patch a Job spec (the Job's, or the JobSet's replicated Job's) for one trial."""
     spec["completions"] = spec["parallelism"] = resources.nodes
-    spec["backoffLimit"] = int(cluster.get("backoff_limit", 3))
+    # one failure of a multi-node trial (a pod OOM-killed, a node lost) ends every pod of it
+    # (their collectives fail): the limit counts such failures, not pods
+    spec["backoffLimit"] = int(cluster.get("backoff_limit", 3)) * resources.nodes
     if cluster.get("ttl_s") is not None:
         spec["ttlSecondsAfterFinished"] = int(cluster["ttl_s"])
     pod = spec["template"]
     pod["metadata"].setdefault("labels", {}).update(labels)
     pod_spec = pod["spec"]
     pod_spec["terminationGracePeriodSeconds"] = int(cluster.get("grace_period_s", 120))
+    _user(pod_spec["securityContext"], cluster)
     term = pod_spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     term[0]["labelSelector"]["matchLabels"] = {LABEL_JOB: job}
     _scheduling(pod_spec, cluster, resources.gpus_per_node)
@@ -229,13 +239,26 @@ def _job_spec(spec, cluster, resources, image, job, labels, master: str) -> None
     _container_resources(container, cluster, resources.gpus_per_node)
 
 
+def _user(security: dict, cluster: dict) -> None:
+    """``cluster.run_as_user`` / ``fs_group`` (the image's 1000 by default); null leaves
+    them to the platform (OpenShift assigns a uid from the namespace's range, and the image
+    works under any uid in group 0)."""
+    for key, field in (("run_as_user", "runAsUser"), ("fs_group", "fsGroup")):
+        value = cluster.get(key, security.get(field))
+        if value is None:
+            security.pop(field, None)
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise refuse(key, value, "a uid or gid above 0 (the pods never run as root)",
+                         f"cluster.{key}=1000, or null to let the platform choose")  # fmt: skip
+        else:
+            security[field] = value
+
+
 def _scheduling(pod_spec: dict, cluster: dict, gpus: int) -> None:
     selector = {str(k): str(v) for k, v in (cluster.get("node_selector") or {}).items()}
     if selector:
         pod_spec["nodeSelector"] = selector
     tolerations = [dict(t) for t in cluster.get("tolerations") or []]
-    if gpus and "tolerations" not in pod_spec:  # a JobSet: the GPU overlay's toleration
-        pod_spec["tolerations"] = _gpu_patch()["spec"]["template"]["spec"]["tolerations"]
     if tolerations:
         pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *tolerations]
     if cluster.get("service_account"):

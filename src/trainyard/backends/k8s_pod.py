@@ -28,7 +28,15 @@ import time
 import uuid
 from pathlib import Path
 
-from trainyard.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, Stopped, TrainyardError
+from trainyard.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    ConfigError,
+    Preempted,
+    Stopped,
+    TrainyardError,
+    TrialBusy,
+)
 from trainyard.rundir import RunDir, write_json
 
 USAGE = "usage: trainyard-pod <the trial's frozen config.yaml, from its ConfigMap>"
@@ -84,6 +92,7 @@ def _first_pod(cfg, run: RunDir, where) -> int:
     opened = trial.open_trial(cfg, run.root, [])
     if opened.completed:
         print(f"trainyard-pod: {run.root} already completed", file=sys.stderr)
+        _report(run)  # a sweep asking again gets the result all the same
         return 0
     stuck = stuck_attempts(run.status().get("history", []))
     limit = (cfg.get("cluster") or {}).get("max_requeues_without_progress")
@@ -94,7 +103,12 @@ def _first_pod(cfg, run: RunDir, where) -> int:
         return EXIT_FAILED
     generation = uuid.uuid4().hex[:12]
     write_json(_rendezvous(run), {"generation": generation, "pod": os.environ.get("HOSTNAME")})
-    run_prepared(run.root, placement(cfg, generation)[1])
+    try:
+        run_prepared(run.root, placement(cfg, generation)[1])
+    except TrialBusy as exc:
+        # the pod this one replaces still holds the trial (a node cut off, its lock not yet
+        # released): not bad input. 75: the Job tries again with a new pod
+        raise Preempted(f"{exc.message}; another pod will try again") from None
     _report(run)
     return 0
 
@@ -125,9 +139,10 @@ def _join(run: RunDir, node: int, text: str, timeout_s: float) -> str | None:
     A pod replaced after a preemption may start while the old pod 0 is still saving and
     leaving: joining its group would fail. Each start of pod 0 writes a new generation on
     the claim; the other pods join only one they have not joined before."""
+    from trainyard import signals
     from trainyard.rundir import read_json
 
-    mine, deadline = _rendezvous(run, node), time.monotonic() + timeout_s
+    mine, said = _rendezvous(run, node), time.monotonic()
     joined = read_json(mine).get("generation") if mine.exists() else None
     while True:
         if run.state == "completed" and run.result_file.exists():
@@ -137,13 +152,14 @@ def _join(run: RunDir, node: int, text: str, timeout_s: float) -> str | None:
         if generation and generation != joined and run.config.read_text() == text:
             write_json(mine, {"generation": generation, "pod": os.environ.get("HOSTNAME")})
             return generation
-        if time.monotonic() > deadline:
-            raise TrainyardError(
-                f"pod 0 did not start the trial in {run.root} within dist.timeout_s="
-                f"{timeout_s:.0f}s",
-                fix="check pod 0's log, and that every pod mounts the same claim "
-                "(ReadWriteMany for several nodes)",
-            )
+        # no deadline: pod 0 may wait for a node (autoscaling, an image pull); the Job's
+        # own limits bound it, and a stop request ends the wait at once
+        signals.raise_if_requested("while waiting for pod 0")
+        if time.monotonic() - said > timeout_s:
+            print(f"trainyard-pod: still waiting for pod 0 to start the trial in {run.root} "
+                  "(is it pending? do all pods mount the same ReadWriteMany claim?)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            said = time.monotonic()
         time.sleep(0.2)
 
 

@@ -132,7 +132,11 @@ class KubernetesBackend(Backend):
         api = k8s_api.Api(self._api_client())
         api.require_claim(request.namespace, claim)
         for obj in request.objects[0]:
-            api.create(obj, dry_run=True)
+            try:
+                api.create(obj, dry_run=True)
+            except KubernetesError as exc:
+                if getattr(exc, "status", None) != 409:  # 409: sent before (see create_trial)
+                    raise
         self._checked.add((request.namespace, claim))
 
     def submit(self, request: KubernetesRequest) -> str:

@@ -83,6 +83,16 @@ def test_state_round_trips_through_a_checkpoint():
     assert len(list(fresh)) == 5  # the loaded position is used once
 
 
+def test_a_checkpoint_from_an_epoch_end_resumes_at_the_next_epochs_start():
+    # Lightning's order on resuming: load the state, iter(), then set_epoch, then batches
+    finished = _loader(lambda: (2, 5)).state_dict()  # all 5 batches of epoch 2 trained
+    resumed = _loader(lambda: (0, 0))
+    resumed.load_state_dict(finished)
+    batches = iter(resumed)
+    resumed.sampler.set_epoch(3)
+    assert [y.tolist() for _, y in batches] == [y.tolist() for _, y in _loader(lambda: (3, 0))]
+
+
 def test_serving_draws_nothing_from_the_global_stream():
     loader = _loader(lambda: (1, 0))
     torch.manual_seed(0)

@@ -55,11 +55,13 @@ class BatchLoader(Resumable):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._start_pass()
-        # the order is drawn on the host (the same draw as DistributedSampler) and moved to
-        # the data's device once per pass, not once per batch
-        order = self.sampler.indices()[self.sampler.skip :].to(self.dataset.device)
-        return self._batches(order)
+        return self._batches()
 
-    def _batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        # The order is read at the first batch, not at iter(), as a DataLoader reads its
+        # sampler: Lightning calls set_epoch in between, which moves a position loaded
+        # from a checkpoint taken at the end of an epoch on to the next epoch's start.
+        # Drawn on the host (DistributedSampler's draw), moved to the data once per pass.
+        order = self.sampler.indices()[self.sampler.skip :].to(self.dataset.device)
         for start in range(0, len(order), self.batch_size):
             yield self.dataset.batch(order[start : start + self.batch_size], pin=self.pin)

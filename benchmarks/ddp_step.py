@@ -109,7 +109,15 @@ def _plain_rank(rank: int, port: int, epochs: int, out: str, indexed: bool) -> N
             optimizer.step()
     if rank == 0:
         Path(out).write_text(json.dumps(timer.steps))
-    dist.destroy_process_group()
+    _leave()
+
+
+def _leave() -> None:
+    """End a rank without interpreter teardown, where gloo's threads can abort the process
+    (``terminate called without an active exception``), as trainyard's ranks end."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(0)
 
 
 def _by_index(x, y, sampler):
@@ -166,6 +174,7 @@ def _lightning_rank(rank: int, port: int, epochs: int, out: str) -> None:
     trainer.fit(Bare(), train_dataloaders=loader)
     if rank == 0:
         Path(out).write_text(json.dumps(timer.steps))
+    _leave()
 
 
 def spawned_step(variant: str, epochs: int, tmp: Path, index: int) -> float:

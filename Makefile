@@ -71,6 +71,7 @@ bench: install ## run the benchmarks (ratios measured side by side in one run)
 	$(BIN)/python benchmarks/step_overhead.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/ddp_step.py
+	$(BIN)/python benchmarks/gpu_step.py
 	$(BIN)/python benchmarks/slurm_submit.py
 	$(BIN)/python benchmarks/slurm_scale.py
 

@@ -1,22 +1,25 @@
 """Per-step cost of trainyard against a hand-written PyTorch loop, side by side in one run.
 
-Every variant trains the same network (built from the same config), on the same data
-loader, batch size, optimizer (same parameter groups) and loss, on the CPU with 2 threads:
+Every variant trains the same network (built from the same config), on the same data,
+batch size, optimizer (same parameter groups) and loss, on the CPU with 2 threads:
 
-- plain:          a hand-written loop (zero_grad, forward, loss, backward, step)
-- lightning-bare: a bare pytorch_lightning.Trainer with every extra switched off and a
-                  minimal LightningModule, Lightning as shipped (its NVML setting, none of
-                  trainyard's patches)
-- trainyard-bare: trainyard's task and Trainer set-up, callbacks and logger off
+- plain:          a hand-written loop as a user writes it: a standard DataLoader over a
+                  TensorDataset (zero_grad, forward, loss, backward, step). The reference.
+- plain-indexed:  the same loop with the data held in memory and batches taken by index
+                  (what trainyard's data path does): where the win comes from
+- lightning-bare: a bare pytorch_lightning.Trainer with every extra switched off, a
+                  minimal LightningModule and the standard DataLoader, Lightning as shipped
+                  (its NVML setting, none of trainyard's patches)
+- trainyard-bare: trainyard's task, data module and Trainer set-up, callbacks and logger off
 - trainyard:      trainyard as users run it: default callbacks (checkpointing, early
                   stopping, LR monitor, progress), CSV logger, atomic checkpoint IO, run dir
 
 A step's time is the interval between consecutive batch starts (loading, hooks, forward,
 backward, optimizer), inside one long epoch, after warm-up; variants are interleaved and
-each ratio is reported for the median run and for the best (least disturbed) run. The
-plain loop runs without the NVML setting that importing Lightning makes, as it would in a
-process of its own. Targets (issue #2): trainyard / plain <= 1.20 (MLP, batch 64),
-<= 1.08 (MLP, batch 256), <= 1.05 (CNN, batch 128); trainyard / trainyard-bare <= 1.03.
+each ratio to ``plain`` is reported for the median run and for the best (least disturbed)
+run. The plain loops run without the NVML setting that importing Lightning makes, as they
+would in a process of their own. Targets (issue 10): trainyard / plain <= 1.00 in every
+case; trainyard / trainyard-bare <= 1.03.
 
 Usage: python benchmarks/step_overhead.py [--repeats 5] [--steps 200] [--cases mlp64,...]
 """
@@ -29,21 +32,22 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 from _common import REPO, report
+from _loops import WARMUP, Timer, dataloader_loop, indexed_loop
+from torch.utils.data import DataLoader, TensorDataset
 
 MLP = ["data.shape=[784]", "model=mlp", "model.hidden=[128,64]"]
 CASES = {  # name: (overrides, target ratio against the plain loop)
-    "mlp64": ([*MLP, "data.batch_size=64"], 1.20),
-    "mlp256": ([*MLP, "data.batch_size=256"], 1.08),
-    "cnn128": (["data.shape=[3,32,32]", "model=cnn", "data.batch_size=128"], 1.05),
+    "mlp64": ([*MLP, "data.batch_size=64"], 1.00),
+    "mlp256": ([*MLP, "data.batch_size=256"], 1.00),
+    "cnn128": (["data.shape=[3,32,32]", "model=cnn", "data.batch_size=128"], 1.00),
 }
-VARIANTS = ("plain", "lightning-bare", "trainyard-bare", "trainyard")
-WARMUP = 20
+VARIANTS = ("plain", "plain-indexed", "lightning-bare", "trainyard-bare", "trainyard")
+CPU = torch.device("cpu")
 
 
 def compose(overrides: list[str], root: Path, steps: int):
@@ -70,20 +74,6 @@ def compose(overrides: list[str], root: Path, steps: int):
                 *overrides,
             ],
         )
-
-
-class Timer:
-    """Batch-start timestamps -> per-step intervals after warm-up."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def tick(self) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def median_step(self) -> float:
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
-        return statistics.median(gaps[WARMUP:])
 
 
 NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -119,13 +109,20 @@ def stock_lightning():
         loop.is_param_in_hook_signature, call._call_callback_hooks = patched
 
 
-def run_plain(cfg) -> float:
+def machine(cfg) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype a hand-written loop uses for ``cfg.trainer``."""
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda")
+    device = torch.device("cuda", 0) if gpu else CPU
+    return device, torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None
+
+
+def run_plain(cfg, loop) -> float:
     # a hand-written loop runs without Lightning, so without the NVML setting it imports
     with environment(**{NVML: None}):
-        return _run_plain(cfg)
+        return _run_plain(cfg, loop)
 
 
-def _run_plain(cfg) -> float:
+def _run_plain(cfg, loop) -> float:
     from hydra.utils import instantiate
 
     from trainyard.tasks import Classifier
@@ -138,15 +135,11 @@ def _run_plain(cfg) -> float:
         optimizer=instantiate(cfg.optimizer),
         loss=instantiate(cfg.loss),
     )
-    net, loss_fn = task.net, task.loss_fn
     optimizer = Classifier.configure_optimizers(task)
+    x, y = data.train_set.tensors
+    device, dtype = machine(cfg)
     timer = Timer()
-    net.train()
-    for x, y in data.train_dataloader():
-        timer.tick()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
-        optimizer.step()
+    loop(task.net.to(device), task.loss_fn, optimizer, x, y, data.batch_size, timer, device, dtype)
     return timer.median_step()
 
 
@@ -182,8 +175,9 @@ def run_lightning_bare(cfg) -> float:
 
     timer = Timer()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=cfg.trainer.accelerator,
         devices=1,
+        precision=cfg.trainer.precision,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -193,13 +187,16 @@ def run_lightning_bare(cfg) -> float:
         limit_val_batches=0,
         callbacks=[_timer_callback(timer)],
     )
-    trainer.fit(Bare(), train_dataloaders=_loader(data))
+    loader = _standard_loader(data, gpu=machine(cfg)[0].type == "cuda")
+    trainer.fit(Bare(), train_dataloaders=loader)
     return timer.median_step()
 
 
-def _loader(data):
+def _standard_loader(data, gpu: bool) -> DataLoader:
+    """What a Lightning user passes: a shuffled DataLoader over a TensorDataset."""
     data.setup()
-    return data.train_dataloader()
+    dataset = TensorDataset(*data.train_set.tensors)
+    return DataLoader(dataset, batch_size=data.batch_size, shuffle=True, pin_memory=gpu)
 
 
 def run_trainyard(cfg, extras: bool, root: Path) -> float:
@@ -213,10 +210,10 @@ def run_trainyard(cfg, extras: bool, root: Path) -> float:
     overrides = [] if extras else ["callbacks=none", "logger=none"]
     if overrides:
         cfg = OmegaConf.merge(cfg, {"callbacks": None, "logger": None})
-    frozen = preflight.check(freeze(cfg))
+    frozen = preflight.check_config(freeze(cfg))
     run = RunDir(Path(frozen.paths.run_dir))
     prepare_process()
-    datamodule, task, trainer = build(frozen, run)
+    datamodule, task, trainer = build(frozen, run, frozen.trainer.accelerator, 1)
     timer = Timer()
     trainer.callbacks.append(_timer_callback(timer))
     trainer.fit(task, datamodule=datamodule)
@@ -225,7 +222,9 @@ def run_trainyard(cfg, extras: bool, root: Path) -> float:
 
 def run_variant(name: str, cfg, root: Path) -> float:
     if name == "plain":
-        return run_plain(cfg)
+        return run_plain(cfg, dataloader_loop)
+    if name == "plain-indexed":
+        return run_plain(cfg, indexed_loop)
     if name == "lightning-bare":
         with stock_lightning():
             return run_lightning_bare(cfg)
@@ -248,8 +247,15 @@ def measure(case: str, repeats: int, steps: int) -> None:
             f"{case}: per-step time, {label} of {repeats} interleaved runs x {steps} steps",
             [
                 *[(f"{name} [ms/step]", 1e3 * value, "") for name, value in step.items()],
-                ("lightning-bare / plain", step["lightning-bare"] / step["plain"], "reference"),
-                ("trainyard / plain", step["trainyard"] / step["plain"], f"target <= {target}"),
+                *[
+                    (f"{name} / plain", step[name] / step["plain"], goal)
+                    for name, goal in (
+                        ("plain-indexed", "reference"),
+                        ("lightning-bare", "reference"),
+                        ("trainyard-bare", ""),
+                        ("trainyard", f"target <= {target}"),
+                    )
+                ],
                 (
                     "trainyard / trainyard-bare (callbacks, logger, progress, run dir)",
                     step["trainyard"] / step["trainyard-bare"],

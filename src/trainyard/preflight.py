@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainyard import compute
 from trainyard.errors import ConfigError, TrainyardError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -108,6 +109,7 @@ def check_types(cfg: DictConfig) -> None:
     _int(cfg, "trainer.accumulate_grad_batches", 1, 1)
     _int(cfg, "data.batch_size", 1, 64)
     _int(cfg, "data.num_workers", 0, 2, optional=True)
+    compute.check(cfg.trainer)
     _fraction(cfg, "data.val_fraction", 0.1, low=1e-9)
     _fraction(cfg, "data.test_fraction", 0.2)
     _number(cfg, "optimizer.lr", 1e-3)
@@ -295,10 +297,11 @@ def check_trainer_keys(cfg: DictConfig) -> None:
     ``+`` (``+trainer.max_epoch=1``) is refused before anything is prepared."""
     import difflib
 
+    known = TRAINER_ARGS | set(compute.TRAINER_KEYS)  # trainyard's own are applied by it
     for key in cfg.trainer:
-        if key == "_target_" or key in TRAINER_ARGS:
+        if key == "_target_" or key in known:
             continue
-        close = difflib.get_close_matches(str(key), sorted(TRAINER_ARGS), n=1)
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
         hint = f"trainer.{close[0]}" if close else "a Lightning Trainer argument"
         raise ConfigError(
             f"trainer.{key} is not an argument of Lightning's Trainer",

@@ -38,7 +38,7 @@ NON_IDENTITY_KEYS = (
     "cluster",
     "callbacks.progress", "callbacks.lr_monitor", "callbacks.checkpoint.dirpath",
     "data.root", "data.download", "data.mirror", "data.lock_timeout_s",
-    "data.num_workers", "data.pin_memory",
+    "data.num_workers", "data.pin_memory", "data.on_device", "data.on_device_fraction",
     "dist.timeout_s", "dist.nccl_debug", "dist.nccl_debug_subsys", "dist.distributed_debug",
     "dist.nccl_socket_ifname", "dist.gloo_socket_ifname",
     "trainer.log_every_n_steps", "trainer.enable_model_summary",

@@ -39,11 +39,14 @@ def _limit_threads() -> None:
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        message = str(record.msg)
+        # the Tensor Cores advice asks for a choice trainer.float32_matmul_precision made
+        return not message.startswith("💡 Tip") and "that has Tensor Cores" not in message
 
 
 def _quiet_lightning() -> None:
-    """Drop Lightning's advertising and a deprecation it triggers itself."""
+    """Drop Lightning's advertising, advice the config already answers (matmul precision)
+    and a deprecation Lightning triggers itself."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*recommended to use `Trainer\(devices=1.*")
@@ -193,6 +196,7 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ProgressBar
 
+    from trainyard import compute
     from trainyard.callbacks.checkpoint_io import AtomicCheckpointIO
     from trainyard.callbacks.resume import ResumeCheckpoint
     from trainyard.data.base import ClassificationDataModule
@@ -201,6 +205,11 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
     datamodule = instantiate(cfg.data)
     net = build_net(cfg, datamodule)
     trainer_cfg = dict(cfg.trainer)
+    settings = compute.take_settings(trainer_cfg)  # trainyard's keys, not the Trainer's
+    compute.set_matmul_precision(settings.get("float32_matmul_precision"))
+    trainer_cfg["benchmark"] = compute.cudnn_benchmark(trainer_cfg, accelerator)
+    if settings.get("compile"):
+        compute.compile_network(net, settings.get("compile_mode"))
     # The task runs the optimization loop itself (see trainyard.tasks.classifier), so these
     # trainer settings go to it; Lightning refuses them under manual optimization.
     optimization = {

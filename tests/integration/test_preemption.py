@@ -3,6 +3,7 @@ step, the trial is marked preempted (exit 75) or interrupted (exit 130), and run
 again resumes to final weights bit-identical to a run that was never stopped."""
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -14,7 +15,9 @@ from trainyard.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
-ENV = {"PYTHONPATH": str(REPO)}
+# the tests' helpers importable, in front of whatever PYTHONPATH the suite runs under (a
+# checkout tested through another checkout's virtualenv keeps importing its own trainyard)
+ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 # dropout (the CNN's default) and augmentation both draw random numbers every step
 BASE = ["data.augment=true", "trainer.max_epochs=3", "callbacks.early_stopping=null"]
 SIG = "+callbacks.sig._target_=tests.helpers.signals.SignalAt"

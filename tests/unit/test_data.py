@@ -143,6 +143,17 @@ def test_mnist_downloads_once_while_other_ranks_wait(tmp_path, mnist_mirror):
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 1, 28, 28) and dm.num_classes == 10
     assert len(dm.train_set) + len(dm.val_set) == 200 and len(dm.test_set) == 50
+    # held as uint8, scaled per batch: what torchvision's per-image transforms give, exactly
+    from torchvision import transforms as T
+    from torchvision.datasets import MNIST
+
+    normalize = T.Compose([T.ToTensor(), T.Normalize(dm.mean, dm.std)])
+    per_image = MNIST(str(root), train=False, transform=normalize)
+    stored, labels = next(iter(dm.test_dataloader()))
+    assert stored.dtype == torch.uint8
+    x, _ = dm.on_after_batch_transfer((stored, labels), 0)
+    assert torch.equal(x, torch.stack([per_image[i][0] for i in range(len(x))]))
+    assert labels.tolist() == [per_image[i][1] for i in range(len(x))]
 
 
 def test_mnist_partial_download_is_detected_and_redone(tmp_path, mnist_mirror):
@@ -192,8 +203,11 @@ def test_cifar10_from_a_mirror_with_augmentation(tmp_path, monkeypatch):
         dm.setup()
     finally:
         mirror.close()
-    x, _ = next(iter(dm.train_dataloader()))
-    assert x.shape == (8, 3, 32, 32)
+    # batches come as stored (uint8) and become network input where they land
+    raw, _ = next(iter(dm.train_dataloader()))
+    assert raw.shape == (8, 3, 32, 32) and raw.dtype == torch.uint8
+    x, _ = dm.on_after_batch_transfer((raw, None), 0)
+    assert x.dtype == torch.float32 and torch.equal(x, dm.preprocess(raw))
     assert len(dm.train_set) + len(dm.val_set) == 200 and len(dm.test_set) == 40
     assert not torch.equal(dm.augment_batch(x), x)  # random crop and flip, per batch
     assert torch.equal(next(iter(dm.val_dataloader()))[0], next(iter(dm.val_dataloader()))[0])

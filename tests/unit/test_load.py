@@ -87,9 +87,18 @@ def test_cifar10_preprocess_replays_torchvision_on_the_raw_hwc_arrays(tmp_path, 
     dm = CIFAR10DataModule(root=str(tmp_path))
     dm.marker.touch()
     dm.setup()
-    raw = dm.test_set.data[:5]  # uint8 (5, 32, 32, 3): what CIFAR10 holds and PIL gives
-    expected = torch.stack([dm.test_set[i][0] for i in range(5)])
+    # torchvision's own per-image path (what trainyard ran before it held images in memory)
+    from torchvision import transforms as T
+
+    normalize = T.Compose([T.ToTensor(), T.Normalize(dm.mean, dm.std)])
+    per_image = CIFAR10(str(tmp_path), train=False, transform=normalize)
+    raw = per_image.data[:5]  # uint8 (5, 32, 32, 3): what CIFAR10 holds and PIL gives
+    expected = torch.stack([per_image[i][0] for i in range(5)])
     assert torch.equal(dm.preprocess(raw), expected)
+    # the in-memory split, sample by sample or scaled per batch, is the same bit for bit
+    assert torch.equal(torch.stack([dm.test_set[i][0] for i in range(5)]), expected)
+    stored, _ = next(iter(dm.test_dataloader()))
+    assert torch.equal(dm.on_after_batch_transfer((stored[:5], None), 0)[0], expected)
 
 
 def test_synthetic_preprocess_is_the_identity():

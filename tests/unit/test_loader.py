@@ -9,14 +9,19 @@ from trainyard.data import augment
 from trainyard.data.loader import ResumableLoader, ResumableSampler
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("size", [10, 17])
-def test_training_shards_match_distributed_sampler(world_size, size):
+def test_training_shards_match_distributed_sampler(world_size, size, drop_last):
     data = list(range(size))
     for epoch in range(3):
         for rank in range(world_size):
-            ours = ResumableSampler(size, shuffle=True, seed=7, rank=rank, world_size=world_size)
-            theirs = DistributedSampler(data, world_size, rank, shuffle=True, seed=7)
+            ours = ResumableSampler(
+                size, shuffle=True, seed=7, rank=rank, world_size=world_size, drop_last=drop_last
+            )
+            theirs = DistributedSampler(
+                data, world_size, rank, shuffle=True, seed=7, drop_last=drop_last
+            )
             ours.set_epoch(epoch)
             theirs.set_epoch(epoch)
             assert list(ours) == list(theirs)

@@ -9,6 +9,10 @@ never stopped. Two things make that hold without saving any generator state:
 - Loading draws nothing from the global random streams: the loader has its own generator
   (the worker base seed), and augmentation runs per batch in the training process
   (:mod:`trainyard.data.augment`), where the checkpointed global RNG state covers it.
+
+:class:`ResumableLoader` is the DataLoader for datasets read sample by sample;
+in-memory datasets are served a batch at a time by :class:`trainyard.data.batches.BatchLoader`,
+which shares the order (:class:`ResumableSampler`) and the position (:class:`Resumable`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ class ResumableSampler(Sampler[int]):
     """This rank's share of an epoch, in a seeded order, optionally starting part-way in.
 
     ``pad=True`` (training) repeats a few samples so every rank gets the same number, as
-    DistributedSampler does, and the ranks step together; ``pad=False`` (evaluation) gives
-    each sample to exactly one rank. ``batch_size`` (training only) drops a trailing batch
-    of a single sample: BatchNorm cannot train on one.
+    DistributedSampler does, and the ranks step together; ``drop_last=True`` evens the
+    shards by leaving out the tail instead (DistributedSampler's ``drop_last``);
+    ``pad=False`` (evaluation) gives each sample to exactly one rank. ``batch_size``
+    (training only) drops a trailing batch of a single sample: BatchNorm cannot train on one.
     """
 
     def __init__(
@@ -40,12 +45,13 @@ class ResumableSampler(Sampler[int]):
         world_size: int = 1,
         pad: bool = True,
         batch_size: int | None = None,
+        drop_last: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
-        self.batch_size = batch_size
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.epoch = 0
         self.skip = 0  # samples of this epoch already trained on (a resumed epoch)
 
@@ -56,51 +62,59 @@ class ResumableSampler(Sampler[int]):
     def set_position(self, epoch: int, skip: int) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def order(self) -> list[int]:
-        """Every index of this rank's share of the current epoch, from its start."""
+    def indices(self) -> torch.Tensor:
+        """Every index of this rank's share of the current epoch, from its start, as a
+        tensor (what batch-indexing loaders use; :meth:`order` is the same as a list)."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.size, generator=generator).tolist()
+            indices = torch.randperm(self.size, generator=generator)
         else:
-            indices = list(range(self.size))
-        if self.pad and self.world_size > 1:
-            total = math.ceil(self.size / self.world_size) * self.world_size
-            repeats = math.ceil(total / max(1, len(indices)))
-            indices = (indices * repeats)[:total]
+            indices = torch.arange(self.size)
+        if self.world_size > 1 and (self.pad or self.drop_last):
+            total = self._per_rank_even() * self.world_size
+            repeats = math.ceil(total / max(1, self.size))
+            indices = indices.repeat(repeats)[:total]  # DistributedSampler's padding
         share = indices[self.rank :: self.world_size]
-        if self.batch_size and len(share) > 1 and len(share) % self.batch_size == 1:
+        if self._drops_a_single(len(share)):
             share = share[:-1]
         return share
+
+    def order(self) -> list[int]:
+        return self.indices().tolist()
+
+    def _per_rank_even(self) -> int:
+        """Samples per rank when the shards are evened: DistributedSampler's num_samples."""
+        if self.drop_last:
+            return self.size // self.world_size
+        return math.ceil(self.size / self.world_size)
+
+    def _drops_a_single(self, share: int) -> bool:
+        return bool(self.batch_size) and share > 1 and share % self.batch_size == 1
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.skip :])
 
     def __len__(self) -> int:
-        per_rank = (
-            math.ceil(self.size / self.world_size)
-            if self.pad
-            else len(range(self.rank, self.size, self.world_size))
-        )
-        if self.batch_size and per_rank > 1 and per_rank % self.batch_size == 1:
-            per_rank -= 1
-        return per_rank
+        if self.world_size > 1 and (self.pad or self.drop_last):
+            per_rank = self._per_rank_even()
+        else:
+            per_rank = len(range(self.rank, self.size, self.world_size))
+        return per_rank - 1 if self._drops_a_single(per_rank) else per_rank
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader over a :class:`ResumableSampler` that starts each pass where training is.
+class Resumable:
+    """Where a pass over the data starts, and Lightning's resumable-loader protocol.
 
     ``position`` tells where training stands when a pass begins (the trainer's epoch and the
-    batches it already completed in that epoch). ``state_dict``/``load_state_dict`` make it
-    resumable in Lightning's sense, so Lightning continues a mid-epoch checkpoint in place
-    instead of warning and replaying.
+    batches it already completed in that epoch). ``state_dict``/``load_state_dict`` make a
+    loader resumable in Lightning's sense, so Lightning continues a mid-epoch checkpoint in
+    place instead of warning and replaying.
     """
 
-    def __init__(
-        self, dataset: Dataset, *, sampler: ResumableSampler, position: Position | None, **kwargs
-    ):
-        # its own generator: drawing the workers' base seed must not move the global stream
-        kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
-        super().__init__(dataset, sampler=sampler, **kwargs)
+    sampler: ResumableSampler
+    batch_size: int
+
+    def _init_position(self, position: Position | None) -> None:
         self._position = position
         self._loaded: tuple[int, int] | None = None
 
@@ -111,11 +125,11 @@ class ResumableLoader(DataLoader):
             return self._position()
         return self.sampler.epoch, 0
 
-    def __iter__(self):
+    def _start_pass(self) -> None:
+        """Point the sampler at this pass's first sample (a loaded position is used once)."""
         epoch, batches = self._where()
         self._loaded = None
         self.sampler.set_position(epoch, batches * self.batch_size)
-        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self._where()
@@ -123,3 +137,20 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._loaded = (int(state["epoch"]), int(state["batches"]))
+
+
+class ResumableLoader(Resumable, DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` that starts each pass where training is
+    (for datasets read sample by sample; in-memory ones use the batch loader)."""
+
+    def __init__(
+        self, dataset: Dataset, *, sampler: ResumableSampler, position: Position | None, **kwargs
+    ):
+        # its own generator: drawing the workers' base seed must not move the global stream
+        kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
+        DataLoader.__init__(self, dataset, sampler=sampler, **kwargs)
+        self._init_position(position)
+
+    def __iter__(self):
+        self._start_pass()
+        return super().__iter__()

@@ -5,6 +5,10 @@ trials of a sweep that share a directory download once while the others wait. A 
 file is written only after the downloaded files load; a directory without it (a download
 that was cut off, a truncated file) is removed and fetched again. With
 ``download=false`` a missing dataset is an error that says where to put it.
+
+Once prepared, the images are read once into uint8 tensors (N, C, H, W) and held in memory
+(:mod:`trainyard.data.memory`): no PIL image is decoded per sample, and scaling to floats
+and normalising happen per batch on the device (:class:`~trainyard.data.memory.Scale`).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from filelock import FileLock, Timeout
 
 from trainyard.data import augment
 from trainyard.data.base import ClassificationDataModule
+from trainyard.data.memory import InMemoryDataset, Scale
 from trainyard.data.preprocess import Preprocess
 from trainyard.errors import DataError
 
@@ -50,7 +56,7 @@ class TorchvisionDataModule(ClassificationDataModule):
         self.lock_timeout_s = lock_timeout_s
         self.input_shape = self.input_shape_
         self.num_classes = 10
-        # what _transform does: ToTensor scales 8-bit pixels to [0, 1], then Normalize
+        # what torchvision's ToTensor + Normalize do: 8-bit pixels to [0, 1], then per channel
         self.preprocess = Preprocess(
             self.input_shape,
             self.num_classes,
@@ -59,6 +65,8 @@ class TorchvisionDataModule(ClassificationDataModule):
             std=self.std if normalize else (1.0,),
             channels_last=self.channels_last,
         )
+        pre = self.preprocess
+        self.scale = Scale(pre.divide_by, pre.mean, pre.std)  # the same, per batch on device
 
     # -- torchvision specifics ---------------------------------------------------------
     def dataset_class(self) -> type:
@@ -87,8 +95,18 @@ class TorchvisionDataModule(ClassificationDataModule):
     def augment_batch(self, x):
         if not self.augment:
             return x
-        fill = [-m / s for m, s in zip(self.mean, self.std, strict=True)] if self.normalize else 0.0
-        return self.augment_images(x, fill)
+        return self.augment_images(x, self._fill(x.device))
+
+    def _fill(self, device: torch.device) -> torch.Tensor | float:
+        """A black pixel after normalisation, per channel; made once per device (a list
+        turned into a tensor every batch would be a host-to-device copy every batch)."""
+        if not self.normalize:
+            return 0.0
+        fills = self.__dict__.setdefault("_fills", {})
+        if device not in fills:
+            fill = [-m / s for m, s in zip(self.mean, self.std, strict=True)]
+            fills[device] = torch.tensor(fill, device=device)
+        return fills[device]
 
     # -- preparation ---------------------------------------------------------------
     @property
@@ -151,14 +169,11 @@ class TorchvisionDataModule(ClassificationDataModule):
         self.marker.touch()
 
     # -- datasets --------------------------------------------------------------------
-    def _transform(self):
-        # deterministic per-sample work only: augmentation runs per batch (augment_batch)
-        from torchvision import transforms as T
-
-        steps = [T.ToTensor()]
-        if self.normalize:
-            steps.append(T.Normalize(self.mean, self.std))
-        return T.Compose(steps)
+    def _read(self, train: bool) -> InMemoryDataset:
+        """One split as uint8 (N, C, H, W) tensors: the dataset's arrays, read once."""
+        raw = self.dataset_class()(str(self.root), train=train)
+        x = self.preprocess.batched(torch.as_tensor(raw.data))  # channels first, as stored
+        return InMemoryDataset(x, torch.as_tensor(raw.targets), self.scale)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -168,10 +183,8 @@ class TorchvisionDataModule(ClassificationDataModule):
                 f"{self.name} is not prepared under {self.root}",
                 fix="run prepare_data first (trainyard-train does), or set data.download=true",
             )
-        cls = self.dataset_class()
-        train_full = cls(str(self.root), train=True, transform=self._transform())
-        self.train_set, self.val_set = self.split_train_val(train_full)
-        self.test_set = cls(str(self.root), train=False, transform=self._transform())
+        self.train_set, self.val_set = self.split_train_val(self._read(train=True))
+        self.test_set = self._read(train=False)
 
 
 class MNISTDataModule(TorchvisionDataModule):

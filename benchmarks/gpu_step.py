@@ -1,0 +1,111 @@
+"""Per-step time on one GPU, side by side in one run, as ratios to a hand-written loop.
+
+The cases and columns of issue 10 (bf16-mixed, synthetic data):
+
+- plain:             a hand-written loop as a user writes it: a standard DataLoader over a
+                     TensorDataset, pinned, copied with ``non_blocking=True``. The reference.
+- plain-on-gpu:      the same loop with the data held on the GPU, batches taken by index
+- lightning-bare:    a bare Lightning Trainer with the standard DataLoader (as shipped)
+- trainyard:         trainyard-train trainer=gpu's Trainer, task and data path (callbacks,
+                     logger and run directory as users run it)
+- trainyard-compile: the same with trainer.compile=true
+
+for ResNet-18 at batch 256 and the default CNN at batch 128 on 3x32x32 images, and the
+MLP 784-128-64-10 at batch 64. Every variant runs with TF32 float32 matmuls and cuDNN
+autotuning (what trainer=gpu sets), so the columns differ in their loops only. A step is
+the interval between consecutive batch starts after warm-up (compilation included in the
+warm-up); variants are interleaved, and each ratio is given for the median and the best
+run. Goals (issue 10): trainyard <= 1.00x plain in every case, and <= 1.10x plain-on-gpu.
+
+Exits 0 with a message where no GPU is visible. ``--device cpu`` runs the same code on the
+CPU, to check the script itself on a machine without a GPU (its timings say nothing).
+
+Usage: python benchmarks/gpu_step.py [--repeats 2] [--steps 200] [--cases resnet256,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import step_overhead as cpu_bench
+import torch
+from _common import report
+from _loops import dataloader_loop, indexed_loop
+
+IMAGES = ["data.shape=[3,32,32]"]
+CASES = {
+    "resnet256": [*IMAGES, "model=resnet18", "data.batch_size=256"],
+    "cnn128": [*IMAGES, "model=cnn", "data.batch_size=128"],
+    "mlp64": [*cpu_bench.MLP, "data.batch_size=64"],
+}
+VARIANTS = ("plain", "plain-on-gpu", "lightning-bare", "trainyard", "trainyard-compile")
+
+
+def run_variant(name: str, cfg, root: Path) -> float:
+    if name == "plain":
+        return cpu_bench.run_plain(cfg, dataloader_loop)
+    if name == "plain-on-gpu":
+        return cpu_bench.run_plain(cfg, indexed_loop)
+    if name == "lightning-bare":
+        with cpu_bench.stock_lightning():
+            return cpu_bench.run_lightning_bare(cfg)
+    if name == "trainyard-compile":
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(cfg, {"trainer": {"compile": True}})
+    return cpu_bench.run_trainyard(cfg, extras=True, root=root)
+
+
+def measure(case: str, repeats: int, steps: int, device: str) -> None:
+    on_cpu = ["trainer.accelerator=cpu"] if device == "cpu" else []
+    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for rep in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = cpu_bench.compose([*CASES[case], "trainer=gpu", *on_cpu], Path(tmp), steps)
+            shift = rep % len(VARIANTS)  # rotate the order so no variant always goes first
+            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+                results[name].append(run_variant(name, cfg, Path(tmp)))
+    for label, pick in (("median", statistics.median), ("best", min)):
+        step = {name: pick(values) for name, values in results.items()}
+        rows = [(f"{name} [ms/step]", 1e3 * value, "") for name, value in step.items()]
+        for name in VARIANTS[1:]:
+            goal = "target <= 1.00" if name == "trainyard" else "reference"
+            rows.append((f"{name} / plain", step[name] / step["plain"], goal))
+        on_gpu = step["trainyard"] / step["plain-on-gpu"]
+        rows.append(("trainyard / plain-on-gpu", on_gpu, "target <= 1.10"))
+        report(f"{case} on {device}: per-step time, {label} of {repeats} runs x {steps}", rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_step: skipped: no CUDA GPU is visible to torch (nothing was measured)")
+        return 0
+    import pytorch_lightning.loops.training_epoch_loop as loop
+    import pytorch_lightning.trainer.call as call
+
+    cpu_bench.STOCK = (loop.is_param_in_hook_signature, call._call_callback_hooks)
+    torch.set_float32_matmul_precision("high")  # what trainer=gpu sets, for every column
+    torch.backends.cudnn.benchmark = True
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    if args.device == "cuda":
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    for case in args.cases.split(","):
+        measure(case, args.repeats, args.steps, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     submit = sub.add_parser(
         "submit",
-        help="prepare trials and send them to a cluster (cluster=slurm); a,b values sweep",
+        help="prepare trials and send them to a cluster (cluster=slurm, k8s, k8s_local, "
+        "local); a,b values sweep",
     )
     submit.add_argument("--dry-run", action="store_true", help="print the requests only")
     submit.add_argument(

@@ -37,7 +37,7 @@ def launch(
     """``adjust(sweep_config)``: a launcher's last word on a trial's composed config (with
     its ``hydra`` node) before it is frozen."""
     from trainyard import signals, train
-    from trainyard.errors import TrainyardError
+    from trainyard.errors import Stopped, TrainyardError
     from trainyard.submit import submit_planned
 
     train.handed_over = True  # past here, failures carry trainyard's own exit codes
@@ -56,8 +56,29 @@ def launch(
         print(f"trainyard: {exc.render()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if wait:
-        _wait(records, poll_s, forget_after_s)
+        try:
+            _wait(records, poll_s, forget_after_s)
+        except (Stopped, signals.InterruptNow) as exc:
+            _left_queued(records, exc)
     return _returns(job_overrides, planned, failed, records)
+
+
+def _left_queued(records: list[dict], exc: BaseException) -> None:
+    """The driver was stopped while it waited: the trials stay with the cluster. Say so,
+    and how to follow or cancel them, and exit with the stop's code."""
+    import sys
+
+    from trainyard.errors import EXIT_INTERRUPTED
+
+    where = records[0]["log_dir"] if records else "outputs"
+    trials = sum(len(r["trials"]) for r in records)
+    reason = getattr(exc, "message", "interrupted")
+    message = (
+        f"trainyard: {reason}; the {trials} trial(s) sent stay with the cluster: trainyard "
+        f"status {where} follows them, trainyard cancel {where} stops them"
+    )
+    print(message, file=sys.stderr)
+    sys.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
 
 
 def _plan(launcher: Any, overrides: list[str], job_num: int, adjust) -> Any:

@@ -197,6 +197,22 @@ def test_an_unreachable_server_is_named(tmp_path):
     assert out.returncode == 2
     assert "cannot reach the Kubernetes API server at http://127.0.0.1:" in out.stderr
     assert "kubectl cluster-info" in out.stderr and "Traceback" not in out.stderr
+    # the dry run still shows the manifests, saying they were not checked
+    dry = _cli(tmp_path, "submit", "--dry-run", *SWEEP, kubeconfig=kubeconfig)
+    assert dry.returncode == 0, dry.stderr
+    assert "not checked with the cluster: " in dry.stdout and dry.stdout.count("\nkind: Job\n") == 3
+
+
+def test_the_namespace_is_the_kubeconfig_contexts_unless_set(tmp_path, api):
+    api.kubeconfig(tmp_path / "kubeconfig", namespace="ml")
+    for namespace in ("ml", "team-a"):
+        api.put(CORE, namespace, "persistentvolumeclaims",
+                {"metadata": {"name": "trainyard-work"}, "spec": {}})  # fmt: skip
+    dry = _cli(tmp_path, "submit", "--dry-run", *SWEEP[:2])
+    assert dry.returncode == 0, dry.stderr
+    assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(dry.stdout) if d} == {"ml"}
+    dry = _cli(tmp_path, "submit", "--dry-run", *SWEEP[:2], "cluster.namespace=team-a")
+    assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(dry.stdout) if d} == {"team-a"}
 
 
 def test_a_missing_claim_is_named_before_anything_is_sent(tmp_path, api):
@@ -204,7 +220,7 @@ def test_a_missing_claim_is_named_before_anything_is_sent(tmp_path, api):
     out = _cli(tmp_path, "submit", *SWEEP)
     assert out.returncode == 2
     assert "claim trainyard-work does not exist" in out.stderr
-    assert "k8s/base/pvc.yaml" in out.stderr
+    assert "kubectl apply -n default -k k8s/volume" in out.stderr
     assert api.created() == []
 
 

@@ -198,3 +198,43 @@ def test_a_lost_node_restarts_the_group_which_resumes(tmp_path):
     history = _status(run)["history"]
     assert _status(run)["state"] == "completed" and _status(run)["attempt"] == 2
     assert next(h for h in history if h.get("resumed_from"))["resumed_from"].endswith("last.ckpt")
+
+
+def test_cancelling_a_sweep_leaves_no_trial_pending_or_failed(tmp_path):
+    args = ["cluster=k8s_local", "trainer.max_epochs=300", "callbacks.early_stopping=null",
+            "optimizer.lr=0.01,0.02"]  # fmt: skip
+    assert _cli(tmp_path, "submit", *args).returncode == 0
+    _wait(lambda: any((r / "checkpoints" / "last.ckpt").exists() for r in run_dirs(tmp_path)))
+    sweep = run_dirs(tmp_path)[0].parent
+    out = _cli(tmp_path, "cancel", str(sweep), timeout=240)
+    assert out.returncode == 0, out.stderr
+    [state_file] = sweep.glob("k8s/*/state.json")
+    assert json.loads(state_file.read_text())["trials"] == ["CANCELLED", "CANCELLED"]
+    rows = json.loads(_cli(tmp_path, "status", "--json", str(sweep)).stdout)
+    assert sorted(r["state"] for r in rows) == ["cancelled", "preempted (cancelled)"], rows
+
+
+def test_ctrl_c_on_a_sweep_says_where_its_trials_went(tmp_path):
+    """The driver of ``trainyard-train -m cluster=k8s_local`` stopped while it waits: its
+    trials stay with the cluster, and it says how to follow or cancel them."""
+    env = {**os.environ, "TRAINYARD_ROOT": str(tmp_path)}
+    args = ["-m", "cluster=k8s_local", "trainer.max_epochs=300", "callbacks.early_stopping=null",
+            "optimizer.lr=0.01,0.02", "hydra.launcher.poll_s=0.2"]  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "trainyard.train", *args], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait(lambda: any((r / "checkpoints" / "last.ckpt").exists() for r in run_dirs(tmp_path)))
+    driver.send_signal(signal.SIGINT)
+    _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "trainyard cancel" in stderr
+    sweep = run_dirs(tmp_path)[0].parent
+    assert _cli(tmp_path, "cancel", str(sweep), timeout=240).returncode == 0
+
+
+def test_gpu_pods_are_refused_where_they_would_run_on_this_machine(tmp_path):
+    out = _cli(tmp_path, "submit", "cluster=k8s_local", "trainer=ddp", "trainer.accelerator=gpu",
+               "trainer.devices=64")  # fmt: skip
+    assert out.returncode == 2 and "GPU(s); each pod asks for 64" in out.stderr
+    assert "cluster=k8s to send the Jobs to a cluster" in out.stderr

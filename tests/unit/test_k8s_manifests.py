@@ -25,7 +25,7 @@ from trainyard.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 GOLDEN = REPO / "tests" / "golden" / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/multinode", "jobset"]
+KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/multinode", "jobset", "volume"]
 IMAGE = "registry.example/trainyard:0123abc"
 
 # trainer settings -> (nodes, GPUs per pod)
@@ -222,7 +222,9 @@ def test_the_pieces_fit_together(rendered):
     assert env["TRAINYARD_ROOT"] == work == "/work"
     assert config["paths"]["run_dir"].startswith(f"{work}/outputs/default/")
     assert str(root) not in config_map["data"]["config.yaml"]  # no path of this machine
-    assert volumes["work"]["persistentVolumeClaim"]["claimName"] == "trainyard-work"
+    [claim] = kustomize.build(K8S / "volume")  # the claim k8s/volume creates
+    assert volumes["work"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every node mounts it
     # every object of the trial says which submission and trial it belongs to
     for doc in docs:
         assert doc["metadata"]["labels"][manifests.LABEL_INDEX] == "0"
@@ -344,6 +346,13 @@ def test_credentials_come_from_secrets_only(tmp_path, monkeypatch, capsys):
         ("+cluster.labels.team=a b", "label"),
         ("cluster.local_pods=true", "root_dir"),
         ("cluster.kubernetes_version=1.12", "1.12"),
+        ("cluster.kubernetes_version=1.30", "unquoted 1.30 reads as the number 1.3"),
+        ("cluster.kubernetes_version='\"1.28\"'", "1.30 or newer"),
+        ("cluster.claim=''", "object name"),
+        ("cluster.shm=100Gi", "larger than the pod's memory limit"),
+        ("+cluster.env.WANDB_KEY=abc", "credential"),
+        ("+cluster.env.DATABASE_URL='postgres://u:pw@db/x'", "credential"),
+        ("cluster.run_as_user=0", "never run as root"),
     ],
 )
 def test_requests_the_cluster_would_refuse_are_refused_here(
@@ -352,6 +361,28 @@ def test_requests_the_cluster_would_refuse_are_refused_here(
     with pytest.raises(ConfigError, match=match) as refused:
         dry_run(tmp_path, monkeypatch, capsys, override)
     assert refused.value.exit_code == 2
+
+
+def test_the_cpu_image_cannot_serve_gpu_pods(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="CPU image"):
+        dry_run(tmp_path, monkeypatch, capsys, "trainer=gpu", "cluster.variant=cpu")
+
+
+def test_cpu_ranks_get_a_core_each_and_gpus_their_resource_and_taint(tmp_path, monkeypatch, capsys):
+    docs = dry_run(tmp_path, monkeypatch, capsys, "trainer=ddp", "trainer.devices=8")
+    _, pod = _job_and_pod(docs)
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "8"
+    docs = dry_run(tmp_path, monkeypatch, capsys, "trainer=ddp", "trainer.accelerator=gpu",
+                   "trainer.devices=2", "cluster.gpu_resource=amd.com/gpu")  # fmt: skip
+    _, pod = _job_and_pod(docs)
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "2"
+    assert [t["key"] for t in pod["spec"]["tolerations"]] == ["amd.com/gpu"]
+
+
+def test_each_job_names_its_run_directory(tmp_path, monkeypatch, capsys):
+    docs = dry_run(tmp_path, monkeypatch, capsys, "optimizer.lr=0.02")
+    annotation = docs[-1]["metadata"]["annotations"][manifests.ANNOTATION_TRIAL]
+    assert annotation.startswith("default/runs/lr-0.02__")  # under paths.output_dir
 
 
 def test_more_gpus_than_the_nodes_have_is_refused(tmp_path, monkeypatch, capsys):

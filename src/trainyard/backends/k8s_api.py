@@ -47,6 +47,10 @@ def client_from_config() -> Any:
     return client.ApiClient(configuration)
 
 
+class Unreachable(KubernetesError, NoCluster):
+    """No answer from the API server: a submission stops, a dry run renders all the same."""
+
+
 class Api:
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
@@ -193,7 +197,7 @@ class Api:
             raise KubernetesError(
                 f"the claim {claim} does not exist in namespace {namespace}: the pods keep "
                 "run directories and data on it",
-                fix=f"kubectl apply -n {namespace} -f k8s/base/pvc.yaml (ReadWriteMany), or "
+                fix=f"kubectl apply -n {namespace} -k k8s/volume (ReadWriteMany), or "
                 "cluster.claim=<an existing claim>",
             ) from None
 
@@ -311,7 +315,7 @@ class Api:
             raise self._refused(what, exc) from None
         except (HTTPError, OSError) as exc:
             host = self.client.configuration.host
-            raise KubernetesError(
+            raise Unreachable(
                 f"{what}: cannot reach the Kubernetes API server at {host} ({type(exc).__name__})",
                 fix="check that the cluster is up and your kubeconfig's current context "
                 "points at it (kubectl cluster-info)",

@@ -76,6 +76,7 @@ class Runner:
             self.trial = index
             self.state["trials"][index] = self.run_job(trial["objects"])
             self.save()
+        self.save()  # the trials a deletion left unstarted: CANCELLED, not pending
         return 0 if all(s == "COMPLETED" for s in self.state["trials"]) else 1
 
     # --- one Job ----------------------------------------------------------------------

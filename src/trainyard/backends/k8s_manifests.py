@@ -29,7 +29,8 @@ CONFIG_MOUNT = "/etc/trainyard"
 PORT = 29500
 LABEL_JOB = "trainyard.dev/job"  # one trial: its pods, Service selector and anti-affinity
 LABEL_SUBMISSION = "trainyard.dev/submission"  # what one `trainyard submit` sent
-LABEL_INDEX = "trainyard.dev/index"  # the trial's index in its submission
+LABEL_INDEX = "trainyard.dev/trial-index"  # the trial's index in its submission
+ANNOTATION_TRIAL = "trainyard.dev/trial"  # its run directory, under paths.output_dir
 KINDS = ("Job", "JobSet")
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -37,8 +38,12 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i?|[mkMGTPE])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-# environment variable names that hold credentials: they belong in a Secret
-_CREDENTIAL = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL", re.I)
+# environment variables that hold credentials belong in a Secret: names that say so, and
+# values that carry a password (scheme://user:password@host)
+_CREDENTIAL = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|PASS$|KEY$|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I
+)
+_URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 CONFIGMAP_MAX = 1_000_000  # bytes a ConfigMap may hold (etcd's 1 MiB, less its envelope)
 
 
@@ -147,8 +152,14 @@ def render_trial(
     job: str,
     config_text: str,
     labels: dict[str, str],
+    trial: str | None = None,
 ) -> list[dict[str, Any]]:
-    """ConfigMap, Service and Job (or ConfigMap and JobSet) of one trial."""
+    """ConfigMap, Service and Job (or ConfigMap and JobSet) of one trial; ``trial``: its
+    run directory, as an annotation that ``kubectl describe`` shows."""
+    if resources.gpus_per_node and cluster.get("variant") == "cpu":
+        raise refuse("variant", "cpu", f"the CPU image cannot use the {resources.gpus_per_node} "
+                     "GPU(s) per pod the trainer asks for",
+                     "cluster.variant=cuda, or trainer.accelerator=cpu")  # fmt: skip
     if len(config_text.encode()) > CONFIGMAP_MAX:
         raise ConfigError(
             f"the frozen config is {len(config_text.encode())} bytes: a ConfigMap holds at "
@@ -163,9 +174,10 @@ def render_trial(
     config_map["metadata"].update(name=f"{job}-config", namespace=namespace)
     config_map["metadata"].setdefault("labels", {}).update(all_labels)
     config_map["data"] = {"config.yaml": config_text}
+    annotations = {ANNOTATION_TRIAL: trial} if trial else {}
     if chosen == "jobset":
         jobset = _named(base, "JobSet")
-        _meta(jobset, job, namespace, all_labels)
+        _meta(jobset, job, namespace, all_labels, annotations)
         jobset["spec"]["failurePolicy"]["maxRestarts"] = int(cluster.get("backoff_limit", 3))
         spec = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
         if resources.gpus_per_node:  # the JobSet's pods as overlays/gpu makes the Job's
@@ -181,15 +193,18 @@ def render_trial(
     _meta(service, job, namespace, all_labels)
     service["spec"]["selector"] = {LABEL_JOB: job}
     batch = _named(base, "Job")
-    _meta(batch, job, namespace, all_labels)
+    _meta(batch, job, namespace, all_labels, annotations)
     _job_spec(batch["spec"], cluster, resources, image, job, all_labels, f"{job}-0.{job}")
     batch["spec"]["template"]["spec"]["subdomain"] = job
     return [config_map, service, batch]
 
 
-def _meta(resource: dict, name: str, namespace: str, labels: dict[str, str]) -> None:
+def _meta(resource: dict, name: str, namespace: str, labels: dict[str, str],
+          annotations: dict[str, str] | None = None) -> None:  # fmt: skip
     resource["metadata"].update(name=name, namespace=namespace)
     resource["metadata"].setdefault("labels", {}).update(labels)
+    if annotations:
+        resource["metadata"].setdefault("annotations", {}).update(annotations)
 
 
 def _user_labels(cluster: dict[str, Any]) -> dict[str, str]:
@@ -228,7 +243,7 @@ def _job_spec(spec, cluster, resources, image, job, labels, master: str) -> None
         if volume["name"] == "config":
             volume["configMap"]["name"] = f"{job}-config"
         elif volume["name"] == "work":
-            claim = dns_subdomain("claim", cluster.get("claim") or "trainyard-work")
+            claim = dns_subdomain("claim", cluster.get("claim", "trainyard-work"))
             volume["persistentVolumeClaim"]["claimName"] = claim
         elif volume["name"] == "shm" and cluster.get("shm"):
             volume["emptyDir"]["sizeLimit"] = quantity("shm", cluster["shm"])
@@ -236,7 +251,8 @@ def _job_spec(spec, cluster, resources, image, job, labels, master: str) -> None
     container["image"] = image
     container["imagePullPolicy"] = str(cluster.get("image_pull_policy") or "IfNotPresent")
     _container_env(container, cluster, master)
-    _container_resources(container, cluster, resources.gpus_per_node)
+    _container_resources(container, cluster, resources)
+    _check_shm(pod_spec, container)
 
 
 def _user(security: dict, cluster: dict) -> None:
@@ -254,10 +270,26 @@ def _user(security: dict, cluster: dict) -> None:
             security[field] = value
 
 
+def _check_shm(pod_spec: dict, container: dict) -> None:
+    """A memory-backed /dev/shm counts against the pod's memory limit: larger than the
+    limit, it would get the pod OOM-killed when the ranks fill it."""
+    shm = next((v for v in pod_spec["volumes"] if v["name"] == "shm"), None)
+    limit = container["resources"]["limits"].get("memory")
+    size = shm and shm["emptyDir"].get("sizeLimit")
+    if size and limit and parse_quantity(size) > parse_quantity(limit):
+        raise refuse("shm", size, f"larger than the pod's memory limit ({limit}), which the "
+                     "memory-backed /dev/shm counts against",
+                     f"cluster.shm=<at most {limit}>, or cluster.memory=<more>")  # fmt: skip
+
+
 def _scheduling(pod_spec: dict, cluster: dict, gpus: int) -> None:
     selector = {str(k): str(v) for k, v in (cluster.get("node_selector") or {}).items()}
     if selector:
         pod_spec["nodeSelector"] = selector
+    resource = str(cluster.get("gpu_resource") or "nvidia.com/gpu")
+    for toleration in pod_spec.get("tolerations", []):
+        if toleration.get("key") == "nvidia.com/gpu":  # GPU nodes' taint: their resource's
+            toleration["key"] = resource
     tolerations = [dict(t) for t in cluster.get("tolerations") or []]
     if tolerations:
         pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *tolerations]
@@ -285,11 +317,12 @@ def _container_env(container: dict, cluster: dict, master: str) -> None:
         if not _ENV_NAME.match(str(name)):
             raise refuse(f"env.{name}", value, "not an environment variable name",
                          "cluster.env.<NAME>=<value>")  # fmt: skip
-        if _CREDENTIAL.search(str(name)):
+        if _CREDENTIAL.search(str(name)) or _URL_PASSWORD.search(str(value)):
             raise refuse(
                 f"env.{name}", "<hidden>",
-                "looks like a credential: a literal value would sit in the Job's spec, the "
-                "frozen config and the submission records for anyone who can read them",
+                "looks like a credential (by its name or a password in its value): a "
+                "literal value would sit in the Job's spec, the frozen config and the "
+                "submission records for anyone who can read them",
                 f"kubectl create secret generic <name> --from-literal={name}=...; then "
                 "cluster.secrets=[<name>] (its keys become environment variables)",
             )  # fmt: skip
@@ -301,11 +334,14 @@ def _container_env(container: dict, cluster: dict, master: str) -> None:
         ]
 
 
-def _container_resources(container: dict, cluster: dict, gpus: int) -> None:
+def _container_resources(container: dict, cluster: dict, resources: Any) -> None:
     requests = container["resources"]["requests"]
     limits = container["resources"]["limits"]
+    gpus = resources.gpus_per_node
     if cluster.get("cpu") is not None:
         requests["cpu"] = quantity("cpu", cluster["cpu"])
+    elif not gpus and parse_quantity(requests["cpu"]) < resources.tasks_per_node:
+        requests["cpu"] = str(resources.tasks_per_node)  # CPU ranks: a core each at least
     if cluster.get("memory") is not None:
         requests["memory"] = limits["memory"] = quantity("memory", cluster["memory"])
     key = str(cluster.get("gpu_resource") or "nvidia.com/gpu")
@@ -313,3 +349,16 @@ def _container_resources(container: dict, cluster: dict, gpus: int) -> None:
         table.pop("nvidia.com/gpu", None)
         if gpus:
             table[key] = str(gpus)
+
+
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+           "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+           "Ei": 2**60}  # fmt: skip
+
+
+def parse_quantity(text: str) -> float:
+    """A Kubernetes quantity's value (``8Gi`` -> 8589934592, ``500m`` -> 0.5)."""
+    match = re.match(r"^([+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)([a-zA-Z]*)$", str(text))
+    if not match or match.group(2) not in _SUFFIX:
+        raise ValueError(f"not a quantity: {text!r}")
+    return float(match.group(1)) * _SUFFIX[match.group(2)]

@@ -98,25 +98,34 @@ class KubernetesBackend(Backend):
                 f"this machine's paths.root_dir, not cluster.root_dir={cluster['root_dir']}",
                 fix="cluster.root_dir=null (cluster=k8s_local sets both)",
             )
+        if local and r.gpus_per_node and _gpus_here() < r.gpus_per_node:
+            raise ConfigError(
+                f"cluster=k8s_local runs the pods on this machine, which has {_gpus_here()} "
+                f"GPU(s); each pod asks for {r.gpus_per_node}",
+                fix="trainer.accelerator=cpu here, or cluster=k8s to send the Jobs to a cluster",
+            )
         image = _image(cluster)
-        version = str(cluster.get("kubernetes_version") or "1.30")
+        version = _version(cluster.get("kubernetes_version"))
+        namespace = cluster.get("namespace") or _default_namespace(local)
+        cluster = {**cluster, "namespace": namespace}
         submission = f"{manifests.slug(job.name)}-{uuid.uuid4().hex[:8]}"
         objects, validated = [], set()
         for index, trial in enumerate(job.trials):
             data = job.config(trial)
-            name = manifests.job_name(trial, job.name, str(data["paths"]["output_dir"]))
+            output_dir = str(data["paths"]["output_dir"])
+            name = manifests.job_name(trial, job.name, output_dir)
             text = frozen_yaml(manifests.pod_config(data, cluster.get("root_dir")))
             labels = {manifests.LABEL_SUBMISSION: submission, manifests.LABEL_INDEX: str(index)}
-            docs = manifests.render_trial(cluster, r, image, name, text, labels)
+            where = _relative(trial, output_dir)
+            docs = manifests.render_trial(cluster, r, image, name, text, labels, where)
             for doc in docs:
                 shape = _shape(doc, name, text, index)
                 if shape not in validated:  # trials of a sweep differ in names and configs
                     validate(doc, version)
                     validated.add(shape)
             objects.append(docs)
-        namespace = str(cluster.get("namespace") or "default")
         log_dir = Path(job.log_dir or job.trials[0].parent)
-        return [KubernetesRequest(submission, namespace, job.trials, objects, log_dir, local)]
+        return [KubernetesRequest(submission, str(namespace), job.trials, objects, log_dir, local)]
 
     def check(self, request: KubernetesRequest) -> None:
         """Once per namespace and claim: the claim exists, and the API server accepts the
@@ -200,6 +209,51 @@ class KubernetesBackend(Backend):
 
             self._client = k8s_api.client_from_config()
         return self._client
+
+
+def _relative(trial: Path, output_dir: str) -> str:
+    try:
+        return str(trial.relative_to(output_dir))
+    except ValueError:
+        return str(trial)
+
+
+def _version(value: Any) -> str:
+    """``cluster.kubernetes_version`` as a release trainyard's manifests target."""
+    from trainyard.backends.k8s_schema import VERSIONS
+
+    text = str(value or "1.30")
+    if text not in VERSIONS:
+        quoted = " (an unquoted 1.30 reads as the number 1.3)" if isinstance(value, float) else ""
+        raise ConfigError(
+            f"cluster.kubernetes_version={value!r}{quoted}: trainyard's Jobs need Kubernetes "
+            f"{VERSIONS[0]} or newer (podFailurePolicy and podReplacementPolicy), and are "
+            f"checked against {', '.join(VERSIONS)}",
+            fix=f"cluster.kubernetes_version='\"{VERSIONS[-1]}\"' (quoted), the release of "
+            "your cluster's API server",
+        )
+    return text
+
+
+def _default_namespace(local: bool) -> str:
+    """The kubeconfig context's namespace (kubectl's default), the pod's own in a cluster,
+    else ``default``."""
+    if local:
+        return "default"
+    in_cluster = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        from kubernetes import config
+
+        _, active = config.list_kube_config_contexts()
+        return str((active or {}).get("context", {}).get("namespace") or "default")
+    except Exception:  # no kubeconfig (or a broken one): submit says so when it connects
+        return in_cluster.read_text().strip() if in_cluster.exists() else "default"
+
+
+def _gpus_here() -> int:
+    """GPUs of this machine, from the driver (torch-free: submit stays fast)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
 def _shape(doc: dict[str, Any], name: str, text: str, index: int) -> str:

@@ -80,3 +80,14 @@ def indexed_loop(net, loss_fn, optimizer, x, y, batch, timer, device, dtype=None
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# a bare Lightning Trainer, every extra off: what Lightning costs as shipped
+BARE_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}

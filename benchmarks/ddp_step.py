@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import BIN, env, median, report
+from _loops import BARE_TRAINER
 
 BATCH, LR, SKIP, WORLD = 64, 1e-3, 5, 2
 
@@ -164,12 +165,7 @@ def _lightning_rank(rank: int, port: int, epochs: int, out: str) -> None:
         devices=WORLD,
         strategy="ddp",
         max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **BARE_TRAINER,
     )
     trainer.fit(Bare(), train_dataloaders=loader)
     if rank == 0:

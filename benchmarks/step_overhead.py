@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from _common import REPO, report
-from _loops import WARMUP, Timer, dataloader_loop, indexed_loop
+from _loops import BARE_TRAINER, WARMUP, Timer, dataloader_loop, indexed_loop
 from torch.utils.data import DataLoader, TensorDataset
 
 MLP = ["data.shape=[784]", "model=mlp", "model.hidden=[128,64]"]
@@ -179,13 +179,8 @@ def run_lightning_bare(cfg) -> float:
         devices=1,
         precision=cfg.trainer.precision,
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[_timer_callback(timer)],
+        **BARE_TRAINER,
     )
     loader = _standard_loader(data, gpu=machine(cfg)[0].type == "cuda")
     trainer.fit(Bare(), train_dataloaders=loader)

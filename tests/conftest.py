@@ -56,6 +56,26 @@ def train_cli(
     )
 
 
+def cli(root: Path, *args: str, timeout: float = 120, env: dict | None = None):
+    """Run the ``trainyard`` CLI in a subprocess with outputs under ``root``."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainyard.cli", *args], cwd=root, env=_env(root, env),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def hydra_version_base_unset():
+    """Hydra's own test suites assume a fresh process's Hydra (no version_base chosen: the
+    job changes into its output directory); other tests in this process composed with 1.3."""
+    from hydra.version import _UNSPECIFIED_, VersionBase
+
+    instance = VersionBase.instance()
+    saved, instance.version_base = instance.version_base, _UNSPECIFIED_
+    yield
+    instance.version_base = saved
+
+
 def _env(root: Path, extra: dict | None) -> dict:
     return {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(extra or {})}
 

@@ -390,5 +390,4 @@ def _record(job: Any, backend: str, job_id: str, trials: list[Path]) -> dict[str
     history = json.loads(path.read_text()) if path.exists() else []
     write_json(path, [*history, record])
     print(f"trainyard: submitted {len(trials)} trial(s) to {backend} as job {job_id}")
-    print(f"  follow: trainyard status {job.log_dir}   trainyard logs {job.log_dir}")
     return record

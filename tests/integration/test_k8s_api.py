@@ -7,14 +7,13 @@ through a sweep) end with a message naming the fix and a record of what went out
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import cli
 from tests.helpers.k8s_api import RecordedApi
 from trainyard.backends.k8s_manifests import LABEL_INDEX, LABEL_SUBMISSION
 
@@ -35,10 +34,7 @@ def api(tmp_path):
 
 
 def _cli(root: Path, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRAINYARD_ROOT": str(root),
-           "KUBECONFIG": str(kubeconfig or root / "kubeconfig")}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "trainyard.cli", *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return cli(root, *args, env={"KUBECONFIG": str(kubeconfig or root / "kubeconfig")})
 
 
 def _without_submission(doc: dict) -> dict:

@@ -17,19 +17,7 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 
 LOCAL_PODS = ["hydra.launcher.local_pods=true", "hydra.launcher.poll_s=0.2"]
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _hydra_version_base_unset():
-    """The suites assume a fresh process's Hydra (no version_base chosen: the job changes
-    into its output directory); other tests in this process composed with 1.3."""
-    from hydra.version import _UNSPECIFIED_, VersionBase
-
-    instance = VersionBase.instance()
-    saved, instance.version_base = instance.version_base, _UNSPECIFIED_
-    yield
-    instance.version_base = saved
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hydra_version_base_unset")]
 
 
 @pytest.mark.parametrize(("launcher_name", "overrides"), [("trainyard_k8s", LOCAL_PODS)])

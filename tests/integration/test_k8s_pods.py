@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_dirs
+from tests.conftest import cli, run_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,7 @@ def _no_pods_left(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRAINYARD_ROOT": str(root)}
-    return subprocess.run(
-        [sys.executable, "-m", "trainyard.cli", *args],
-        cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+_cli = cli
 
 
 def _runner_state(run: Path) -> dict:

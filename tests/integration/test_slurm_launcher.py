@@ -23,19 +23,12 @@ SITE = [
     "hydra.launcher.signal_delay_s=30",
 ]
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, needs_cluster]
-
-
-@pytest.fixture(autouse=True)
-def _hydra_version_base_unset():
-    """The suites assume a fresh process's Hydra (no version_base chosen: the job changes
-    into its output directory); other tests in this process composed with 1.3."""
-    from hydra.version import _UNSPECIFIED_, VersionBase
-
-    instance = VersionBase.instance()
-    saved, instance.version_base = instance.version_base, _UNSPECIFIED_  # as in a new process
-    yield
-    instance.version_base = saved
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    needs_cluster,
+    pytest.mark.usefixtures("hydra_version_base_unset"),
+]
 
 
 @pytest.mark.parametrize(("launcher_name", "overrides"), [("trainyard_slurm", SITE)])

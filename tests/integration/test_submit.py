@@ -2,26 +2,18 @@
 cluster, on this machine; and a dry run that checks everything and writes nothing."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_dirs
+from tests.conftest import cli, run_dirs
 from trainyard.errors import EXIT_CONFIG
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRAINYARD_ROOT": str(root)}
-    return subprocess.run(
-        [sys.executable, "-m", "trainyard.cli", *args],
-        cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+_cli = cli
 
 
 def _state(run: Path) -> str | None:

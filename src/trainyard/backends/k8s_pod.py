@@ -72,7 +72,7 @@ def run_pod(config_file: Path) -> int:
     run = RunDir(str(cfg.paths.run_dir))
     devices, where = placement(cfg)
     if where.node_rank == 0:
-        return _first_pod(cfg, run, where)
+        return _first_pod(cfg, run)
     timeout = float(OmegaConf.select(cfg, "dist.timeout_s", default=300))
     generation = _join(run, where.node_rank, text, timeout)
     if generation is None:
@@ -84,7 +84,7 @@ def run_pod(config_file: Path) -> int:
     return 0
 
 
-def _first_pod(cfg, run: RunDir, where) -> int:
+def _first_pod(cfg, run: RunDir) -> int:
     from trainyard import trial
     from trainyard.backends.slurm_task import stuck_attempts
     from trainyard.train import run_prepared

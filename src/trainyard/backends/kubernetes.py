@@ -92,18 +92,8 @@ class KubernetesBackend(Backend):
 
         cluster, r = job.cluster, job.resources
         local = bool(cluster.get("local_pods"))
-        if local and cluster.get("root_dir"):
-            raise ConfigError(
-                f"cluster.local_pods=true runs the pods on this machine, where the claim is "
-                f"this machine's paths.root_dir, not cluster.root_dir={cluster['root_dir']}",
-                fix="cluster.root_dir=null (cluster=k8s_local sets both)",
-            )
-        if local and r.gpus_per_node and _gpus_here() < r.gpus_per_node:
-            raise ConfigError(
-                f"cluster=k8s_local runs the pods on this machine, which has {_gpus_here()} "
-                f"GPU(s); each pod asks for {r.gpus_per_node}",
-                fix="trainer.accelerator=cpu here, or cluster=k8s to send the Jobs to a cluster",
-            )
+        if local:
+            _check_here(cluster, r)
         image = _image(cluster)
         version = _version(cluster.get("kubernetes_version"))
         namespace = cluster.get("namespace") or _default_namespace(local)
@@ -209,6 +199,22 @@ class KubernetesBackend(Backend):
 
             self._client = k8s_api.client_from_config()
         return self._client
+
+
+def _check_here(cluster: dict[str, Any], resources: Any) -> None:
+    """The pods of cluster.local_pods run on this machine: its paths, its GPUs."""
+    if cluster.get("root_dir"):
+        raise ConfigError(
+            f"cluster.local_pods=true runs the pods on this machine, where the claim is "
+            f"this machine's paths.root_dir, not cluster.root_dir={cluster['root_dir']}",
+            fix="cluster.root_dir=null (cluster=k8s_local sets both)",
+        )
+    if resources.gpus_per_node and _gpus_here() < resources.gpus_per_node:
+        raise ConfigError(
+            f"cluster=k8s_local runs the pods on this machine, which has {_gpus_here()} "
+            f"GPU(s); each pod asks for {resources.gpus_per_node}",
+            fix="trainer.accelerator=cpu here, or cluster=k8s to send the Jobs to a cluster",
+        )
 
 
 def _relative(trial: Path, output_dir: str) -> str:

@@ -109,7 +109,7 @@ class KubernetesBackend(Backend):
             where = _relative(trial, output_dir)
             docs = manifests.render_trial(cluster, r, image, name, text, labels, where)
             for doc in docs:
-                shape = _shape(doc, name, text, index)
+                shape = _shape(doc, (name, where), text, index)
                 if shape not in validated:  # trials of a sweep differ in names and configs
                     validate(doc, version)
                     validated.add(shape)
@@ -262,15 +262,18 @@ def _gpus_here() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
-def _shape(doc: dict[str, Any], name: str, text: str, index: int) -> str:
-    """``doc`` less what differs from trial to trial as plain strings (its name, its index
-    label, its frozen config), so that each distinct structure is validated once: strict
-    validation costs about a millisecond per object, and a sweep's 30,000 objects share a
-    handful of structures. Any other difference (a setting, a count) is validated anew."""
-    text_json = json.dumps(text)[1:-1]
+def _shape(doc: dict[str, Any], names: tuple[str, str], text: str, index: int) -> str:
+    """``doc`` less what differs from trial to trial as plain strings (its name and run
+    directory, its index label, its frozen config), so that each distinct structure is
+    validated once: strict validation costs about a millisecond per object, and a sweep's
+    30,000 objects share a handful of structures. Any other difference (a setting, a
+    count) is validated anew."""
     index_label = f'"{manifests.LABEL_INDEX}": "{index}"'
     shape = json.dumps(doc, sort_keys=True).replace(index_label, "<index>")
-    return shape.replace(text_json, "<config>").replace(name, "<name>")
+    shape = shape.replace(json.dumps(text)[1:-1], "<config>")
+    for number, name in enumerate(names):
+        shape = shape.replace(json.dumps(name)[1:-1], f"<name {number}>")
+    return shape
 
 
 def _parse(job_id: str) -> tuple[str, str, int | None]:

@@ -46,7 +46,8 @@ from trainyard.rundir import RunDir, read_json
 _STOP_CODES = {EXIT_PREEMPTED: Preempted, EXIT_INTERRUPTED: Interrupted}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine's loopback now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -106,7 +107,7 @@ def launch_local(
     node other than the first, which has no rank 0)."""
     where = where or Placement()
     run = RunDir(config_path.parent)
-    port = where.master_port or _free_port()
+    port = where.master_port or free_port()
     run_id = where.run_id or f"trainyard-{uuid.uuid4().hex[:12]}"
     context = multiprocessing.get_context("spawn")
     procs = [

@@ -178,6 +178,22 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def stuck_attempts(history: list[dict[str, Any]]) -> int:
+    """How many of the latest attempts ended preempted at the same step as the one before
+    them (the first attempt counts as stuck when it saved no step at all): what every
+    backend that restarts preempted trials (Slurm's requeue, a Kubernetes Job's new pod)
+    bounds with ``cluster.max_requeues_without_progress``."""
+    steps = [entry.get("step") for entry in history if entry.get("state") == "preempted"]
+    if not steps:
+        return 0
+    count, last = 1, steps[-1]
+    for step in reversed(steps[:-1]):
+        if step != last:
+            break
+        count += 1
+    return count - 1 if last else count
+
+
 class RunDir:
     """Paths and bookkeeping inside one trial's run directory."""
 

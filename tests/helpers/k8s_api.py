@@ -6,6 +6,10 @@ API server does for these resources, records every request, and can be told to r
 some (403, 500, ...). It runs no controllers and validates nothing: it is evidence of what
 trainyard sends and how it reads answers, never that a job would run (that is
 tests/integration/test_k8s_pods.py, and the schema checks of test_k8s_manifests.py).
+
+A helper that tests import, not a test module: it asserts nothing itself; the tests that
+use it (tests/integration/test_k8s_api.py) check the requests it recorded and the answers
+trainyard made of its replies.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """When rank 0 of a Slurm job stops requeueing a trial that makes no progress."""
 
-from trainyard.backends.slurm_task import stuck_attempts
+from trainyard.rundir import stuck_attempts
 
 
 def _history(*steps):

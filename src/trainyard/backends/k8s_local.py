@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from trainyard.launch import free_port
 
 _SCRIPTS = {"trainyard-pod": ["-m", "trainyard.backends.k8s_pod"], "python": []}
 _POLL_S = 0.2
@@ -204,7 +205,7 @@ class Runner:
         # pod 0's name in the Service's DNS; here every pod shares this machine's loopback
         if env.get("MASTER_ADDR") == f"{name}-0.{pod_spec.get('subdomain')}":
             env["MASTER_ADDR"] = "127.0.0.1"
-            env["MASTER_PORT"] = str(_free_port())
+            env["MASTER_PORT"] = str(free_port())
         return env
 
 
@@ -232,12 +233,6 @@ def _signal(proc: subprocess.Popen, signum: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
             os.kill(proc.pid, signum)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

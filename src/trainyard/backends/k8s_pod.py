@@ -86,7 +86,7 @@ def run_pod(config_file: Path) -> int:
 
 def _first_pod(cfg, run: RunDir) -> int:
     from trainyard import trial
-    from trainyard.backends.slurm_task import stuck_attempts
+    from trainyard.rundir import stuck_attempts
     from trainyard.train import run_prepared
 
     opened = trial.open_trial(cfg, run.root, [])

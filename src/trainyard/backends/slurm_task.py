@@ -65,6 +65,7 @@ class SlurmTrial:
         import submitit
 
         from trainyard import signals
+        from trainyard.rundir import stuck_attempts
 
         request = signals.requested()  # the signal all ranks agreed on
         warning = "SIG" + submitit.JobEnvironment.USR_SIG
@@ -94,20 +95,6 @@ def _job_state(job: str) -> str | None:
     return None
 
 
-def stuck_attempts(history: list[dict[str, Any]]) -> int:
-    """How many of the latest attempts ended preempted at the same step as the one before
-    them (the first attempt counts as stuck when it saved no step at all)."""
-    steps = [entry.get("step") for entry in history if entry.get("state") == "preempted"]
-    if not steps:
-        return 0
-    count, last = 1, steps[-1]
-    for step in reversed(steps[:-1]):
-        if step != last:
-            break
-        count += 1
-    return count - 1 if last else count
-
-
 def _cluster_setting(run, key: str, default: Any) -> Any:
     import yaml
 
@@ -116,4 +103,4 @@ def _cluster_setting(run, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-__all__ = ["SlurmTrial", "stuck_attempts"]
+__all__ = ["SlurmTrial"]

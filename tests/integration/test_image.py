@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,16 +46,23 @@ def _podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
 
 
 @pytest.fixture(scope="session")
-def cpu_image() -> str:
+def cpu_image() -> Iterator[str]:
     base = image.VARIANTS["cpu"].base
     if _podman("image", "exists", base, check=False).returncode != 0:
         pytest.fail(f"no base image {base}: bash docker/engine.sh base {base} (no registry here)")
     cmd = image.build_command(ROOT, "cpu", torch_index="", pip_from_host=True)
+    existed = _podman("image", "exists", cmd[cmd.index("-t") + 1], check=False).returncode == 0
     started = time.monotonic()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    print(f"built {cmd[cmd.index('-t') + 1]} in {time.monotonic() - started:.1f} s")
-    return cmd[cmd.index("-t") + 1]
+    tag = cmd[cmd.index("-t") + 1]
+    print(f"built {tag} in {time.monotonic() - started:.1f} s")
+    yield tag
+    # Each commit gets its own multi-GB tag: a suite that kept them would fill a developer's
+    # (or a shared CI host's) disk within a day. The build cache stays, so the next build of
+    # unchanged dependencies takes seconds.
+    if not existed:
+        _podman("rmi", tag, check=False)
 
 
 def _volume(tmp_path: Path, name: str = "work", owner: int = 1000) -> Path:

@@ -15,6 +15,7 @@ _REGISTRY = {
     "local": "trainyard.backends.local:LocalBackend",
     "slurm": "trainyard.backends.slurm:SlurmBackend",
     "k8s": "trainyard.backends.kubernetes:KubernetesBackend",
+    "ray": "trainyard.backends.ray:RayBackend",
 }
 
 

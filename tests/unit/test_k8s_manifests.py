@@ -25,7 +25,7 @@ from trainyard.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 GOLDEN = REPO / "tests" / "golden" / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/multinode", "jobset", "volume"]
+KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/multinode", "jobset", "volume", "ray"]
 IMAGE = "registry.example/trainyard:0123abc"
 
 # trainer settings -> (nodes, GPUs per pod)
@@ -485,3 +485,57 @@ def test_strategic_merge_merges_named_items_and_replaces_other_lists():
     assert merged["tolerations"] == [{"key": "b"}]
     assert merged["keep"] == 1 and "drop" not in merged
     assert base["containers"][0]["env"] == [{"name": "X", "value": "1"}]  # untouched
+
+
+# --- KubeRay ---------------------------------------------------------------------------------
+
+
+def _ray_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in kustomize.build(K8S / "ray")}
+
+
+def _ray_pods(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [g["template"]["spec"] for g in groups]
+
+
+def test_the_rayjob_starts_the_same_cluster_as_the_raycluster():
+    docs = _ray_docs()
+    assert docs["RayJob"]["spec"]["rayClusterSpec"] == docs["RayCluster"]["spec"]
+
+
+def test_ray_nodes_run_the_pinned_ray_in_the_image_as_its_user_with_the_claim():
+    import tomllib
+
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    [ray_pin] = pins["optional-dependencies"]["ray"]
+    spec = _ray_docs()["RayCluster"]["spec"]
+    assert ray_pin.endswith("==" + spec["rayVersion"])
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no trial on the head
+    for pod in _ray_pods(spec):
+        assert pod["securityContext"]["runAsUser"] == 1000 and not pod[
+            "automountServiceAccountToken"
+        ]
+        [container] = pod["containers"]
+        assert container["image"] == "trainyard"
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert not container["securityContext"]["allowPrivilegeEscalation"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/work"]]["persistentVolumeClaim"]["claimName"] == "trainyard-work"
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["TRAINYARD_ROOT"] == "/work"
+    entrypoint = _ray_docs()["RayJob"]["spec"]["entrypoint"]
+    assert "cluster=ray" in entrypoint and "cluster.address=http://127.0.0.1:8265" in entrypoint
+
+
+def test_a_misspelt_ray_field_fails_against_the_crd():
+    cluster = copy.deepcopy(_ray_docs()["RayCluster"])
+    cluster["spec"]["workerGroupSpecs"][0]["replica"] = 2  # the CRD has `replicas`
+    with pytest.raises(SchemaError, match="replica"):
+        validate(cluster, "1.30")
+    job = copy.deepcopy(_ray_docs()["RayJob"])
+    job["spec"]["shutdownAfterJobFinish"] = True  # the CRD has shutdownAfterJobFinishes
+    with pytest.raises(SchemaError, match="shutdownAfterJobFinish"):
+        validate(job, "1.30")

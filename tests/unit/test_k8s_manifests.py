@@ -513,9 +513,9 @@ def test_ray_nodes_run_the_pinned_ray_in_the_image_as_its_user_with_the_claim():
     assert ray_pin.endswith("==" + spec["rayVersion"])
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no trial on the head
     for pod in _ray_pods(spec):
-        assert pod["securityContext"]["runAsUser"] == 1000 and not pod[
-            "automountServiceAccountToken"
-        ]
+        assert (
+            pod["securityContext"]["runAsUser"] == 1000 and not pod["automountServiceAccountToken"]
+        )
         [container] = pod["containers"]
         assert container["image"] == "trainyard"
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from trainyard.backends import Job, Resources, get
-from trainyard.backends.ray import jobs_address, split_job_id
 from trainyard.backends.ray import job_id as make_job_id
+from trainyard.backends.ray import jobs_address, split_job_id
 from trainyard.backends.ray_driver import infeasible
 from trainyard.errors import ConfigError
 

@@ -35,7 +35,7 @@ from typing import Any
 # (and resumes it with the new value) rather than starting another trial.
 NON_IDENTITY_KEYS = (
     "hydra", "paths", "name", "resume", "test_after_fit", "fail_fast", "signals", "logger",
-    "cluster",
+    "cluster", "sweep",
     "callbacks.progress", "callbacks.lr_monitor", "callbacks.checkpoint.dirpath",
     "data.root", "data.download", "data.mirror", "data.lock_timeout_s",
     "data.num_workers", "data.pin_memory", "data.on_device", "data.on_device_fraction",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,17 @@ _DONE = ("completed", "failed", "interrupted")
 _GONE = ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "COMPLETED", "ENDED")
 
 
+@dataclass
+class Started:
+    """Trials sent by :func:`start`: what :func:`collect` needs to follow them."""
+
+    job_overrides: list[list[str]]
+    planned: list[Any]
+    failed: dict[int, Any]  # index -> the error of a trial that could not be composed
+    records: list[dict[str, Any]]
+    unknown_since: dict[str, float] = field(default_factory=dict)
+
+
 def launch(
     launcher: Any,
     job_overrides: Sequence[Sequence[str]],
@@ -36,8 +48,32 @@ def launch(
 ) -> list[Any]:
     """``adjust(sweep_config)``: a launcher's last word on a trial's composed config (with
     its ``hydra`` node) before it is frozen."""
+    from trainyard import signals
+    from trainyard.errors import Stopped
+
+    started = start(launcher, job_overrides, initial_job_idx, adjust)
+    if wait:
+        try:
+            while _pending(started, forget_after_s):
+                request = signals.requested()
+                if request is not None:  # the driver was stopped: the trials stay queued
+                    raise request.error("while waiting for the trials")
+                time.sleep(poll_s)
+        except (Stopped, signals.InterruptNow) as exc:
+            _left_queued(started.records, exc)
+    return returns(started)
+
+
+def start(
+    launcher: Any,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    adjust: Callable[[DictConfig], None] | None = None,
+) -> Started:
+    """Compose, prepare and send the trials; return at once (the asynchronous half of
+    :func:`launch`, for sweepers that keep a number of trials in flight)."""
     from trainyard import signals, train
-    from trainyard.errors import Stopped, TrainyardError
+    from trainyard.errors import TrainyardError
     from trainyard.submit import submit_planned
 
     train.handed_over = True  # past here, failures carry trainyard's own exit codes
@@ -55,12 +91,13 @@ def launch(
 
         print(f"trainyard: {exc.render()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    if wait:
-        try:
-            _wait(records, poll_s, forget_after_s)
-        except (Stopped, signals.InterruptNow) as exc:
-            _left_queued(records, exc)
-    return _returns(job_overrides, planned, failed, records)
+    return Started([list(o) for o in job_overrides], planned, failed, records)
+
+
+def collect(started: Started, forget_after_s: float = 30.0) -> list[Any] | None:
+    """The trials' returns once every one of them is done (or its job is gone); None while
+    any is pending."""
+    return None if _pending(started, forget_after_s) else returns(started)
 
 
 def _left_queued(records: list[dict], exc: BaseException) -> None:
@@ -99,35 +136,29 @@ def _plan(launcher: Any, overrides: list[str], job_num: int, adjust) -> Any:
     return Planned(overrides, sweep, run_dir)
 
 
-def _wait(records: list[dict], poll_s: float, forget_after_s: float) -> None:
-    """Until every trial is done, or its job ended or is gone: a job the scheduler no longer
-    knows for ``forget_after_s`` (deleted, cancelled, expired) is over."""
-    from trainyard import backends, signals
+def _pending(started: Started, forget_after_s: float) -> list[str]:
+    """The trials not yet done, after one look at the run directories and the scheduler:
+    a trial whose job ended, or that the scheduler no longer knows for ``forget_after_s``
+    (deleted, cancelled, expired), is over."""
+    from trainyard import backends
     from trainyard.errors import TrainyardError
     from trainyard.rundir import RunDir
 
-    unknown_since: dict[str, float] = {}
-    while True:
-        pending = []
-        for record in records:
-            try:
-                scheduler = backends.get(record["backend"]).status(record["job_id"])
-            except TrainyardError as exc:  # a blip of the scheduler: ask again next time
-                log.warning("trainyard: state of job %s: %s", record["job_id"], exc.message)
-                scheduler = {record["job_id"]: "UNKNOWN"}
-            if scheduler:
-                unknown_since.pop(record["job_id"], None)
-            first = unknown_since.setdefault(record["job_id"], time.monotonic())
-            forgotten = not scheduler and time.monotonic() - first > forget_after_s
-            gone = scheduler and all(s.split()[0] in _GONE for s in scheduler.values())
-            if not (gone or forgotten):
-                pending += [t for t in record["trials"] if RunDir(t).state not in _DONE]
-        if not pending:
-            return
-        request = signals.requested()
-        if request is not None:  # the driver was stopped: the trials stay queued
-            raise request.error(f"while waiting for {len(pending)} trial(s)")
-        time.sleep(poll_s)
+    unknown_since, pending = started.unknown_since, []
+    for record in started.records:
+        try:
+            scheduler = backends.get(record["backend"]).status(record["job_id"])
+        except TrainyardError as exc:  # a blip of the scheduler: ask again next time
+            log.warning("trainyard: state of job %s: %s", record["job_id"], exc.message)
+            scheduler = {record["job_id"]: "UNKNOWN"}
+        if scheduler:
+            unknown_since.pop(record["job_id"], None)
+        first = unknown_since.setdefault(record["job_id"], time.monotonic())
+        forgotten = not scheduler and time.monotonic() - first > forget_after_s
+        gone = scheduler and all(s.split()[0] in _GONE for s in scheduler.values())
+        if not (gone or forgotten):
+            pending += [t for t in record["trials"] if RunDir(t).state not in _DONE]
+    return pending
 
 
 def _reported(records: list[dict]) -> dict[str, dict]:
@@ -150,16 +181,20 @@ def _reported(records: list[dict]) -> dict[str, dict]:
     return found
 
 
-def _returns(job_overrides, planned, failed, records=()) -> list[Any]:
+def returns(started: Started) -> list[Any]:
+    """Hydra's JobReturn of each trial, its metric as the return value (NaN: failed)."""
     from hydra.core.utils import JobReturn, JobStatus
 
     from trainyard import train
     from trainyard.rundir import RunDir, read_json
 
+    job_overrides, planned, failed = started.job_overrides, started.planned, started.failed
+    records = started.records
+
     by_overrides = {tuple(p.overrides): p for p in planned}
     unseen = [p for p in planned if not RunDir(p.run_dir).result_file.exists()]
     reported = _reported(list(records)) if unseen else {}
-    returns = []
+    out = []
     for index, overrides in enumerate(job_overrides):
         ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
         trial = by_overrides.get(tuple(overrides))
@@ -176,6 +211,6 @@ def _returns(job_overrides, planned, failed, records=()) -> list[Any]:
             code = getattr(failed.get(index), "exit_code", 3)  # bad input: 2
             train._failed_trials.append((where, str(reason or "did not complete"), code))
             ret.return_value = float("nan")
-        returns.append(ret)
-    log.info("%d trial(s) done", len(returns))
-    return returns
+        out.append(ret)
+    log.info("%d trial(s) done", len(out))
+    return out

@@ -230,6 +230,10 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     every = OmegaConf.select(cfg, "signals.check_every_n_steps", default=10)
     callbacks.append(ResumeCheckpoint(run.last_ckpt, check_every_n_steps=every))
+    from trainyard.callbacks.pruning import SWEEP_FILE, SweepPruning
+
+    if (run.root / SWEEP_FILE).exists():  # a trial of trainyard's Optuna sweeper
+        callbacks.append(SweepPruning(run.root, cfg.monitor))
     logger = instantiate(cfg.logger, **_logger_version(cfg, run)) if cfg.get("logger") else False
     if logger is False:  # nothing to log learning rates to: Lightning would refuse the monitor
         from pytorch_lightning.callbacks import LearningRateMonitor

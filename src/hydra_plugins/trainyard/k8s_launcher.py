@@ -79,6 +79,17 @@ class TrainyardK8sLauncher(Launcher):
             )  # fmt: skip
         return self._launch_tasks(list(job_overrides), initial_job_idx)
 
+    def start(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        """Send a trainyard config's trials without waiting (see TrainyardLauncher.start)."""
+        from trainyard import sweep_launch
+
+        return sweep_launch.start(self, job_overrides, initial_job_idx)
+
+    def collect(self, started: Any) -> Any:
+        from trainyard import sweep_launch
+
+        return sweep_launch.collect(started, self.forget_after_s)
+
     def _launch_tasks(self, job_overrides: list, initial_job_idx: int) -> list:
         """Any Hydra app: a Job per trial whose pod runs the task function."""
         from hydra.core.utils import configure_log, setup_globals

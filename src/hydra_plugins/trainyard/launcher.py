@@ -45,5 +45,17 @@ class TrainyardLauncher(BasicLauncher):
             return super().launch(job_overrides, initial_job_idx)
         return sweep_launch.launch(self, job_overrides, initial_job_idx, self.wait, self.poll_s)
 
+    def start(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> object:
+        """Send trials without waiting (cluster=local: a background process), for sweepers
+        that keep several in flight; :meth:`collect` gives their returns once done."""
+        from trainyard import sweep_launch
+
+        return sweep_launch.start(self, job_overrides, initial_job_idx)
+
+    def collect(self, started: object) -> list | None:
+        from trainyard import sweep_launch
+
+        return sweep_launch.collect(started)
+
 
 __all__ = ["TrainyardLauncher", "TrainyardLauncherConf"]

@@ -93,6 +93,17 @@ class TrainyardSlurmLauncher(SlurmLauncher):
             self, job_overrides, initial_job_idx, self.wait, self.poll_s, adjust=apply_launcher
         )
 
+    def start(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        """Send a trainyard config's trials without waiting (see TrainyardLauncher.start)."""
+        from trainyard import sweep_launch
+
+        return sweep_launch.start(self, job_overrides, initial_job_idx, adjust=apply_launcher)
+
+    def collect(self, started: Any) -> Any:
+        from trainyard import sweep_launch
+
+        return sweep_launch.collect(started)
+
     def _launch_composed(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         """hydra-submitit-launcher's launch, with every trial composed here, once, and
         pickled into the sweep directory (each job loads its own; submitit pickles this

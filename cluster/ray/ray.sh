@@ -43,15 +43,21 @@ ray_bin() {
 }
 
 answers() {
-	# the Jobs API is what trainyard talks to: up when it lists jobs
+	# up when the Jobs API (what trainyard talks to) lists jobs and a node is alive (the
+	# dashboard outlives a head whose other processes died)
 	python3 - "$DASH_PORT" <<'PY' >/dev/null 2>&1
-import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/jobs/", timeout=2).read()
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+urllib.request.urlopen(f"{base}/api/jobs/", timeout=2).read()
+nodes = json.loads(urllib.request.urlopen(f"{base}/api/v0/nodes", timeout=5).read())
+assert any(n["state"] == "ALIVE" for n in nodes["data"]["result"]["result"])
 PY
 }
 
 start() {
 	if answers; then log "already up: http://127.0.0.1:$DASH_PORT"; return; fi
+	# whatever is left of a head that died (a dashboard without its node) goes first
+	"$(ray_bin)" stop --force >/dev/null 2>&1 || true
 	mkdir -p "$DIR"
 	local args=(--head --node-ip-address=127.0.0.1 --port="$GCS_PORT"
 		--dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --include-dashboard=true

@@ -127,26 +127,30 @@ def open_study(path: Path, name: str, defined: dict, sampler: Any, pruner: Any) 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     existed = path.exists() and path.stat().st_size > 0
+    if existed:
+        _check_journal(path)
     try:
         storage = JournalStorage(JournalFileBackend(str(path)))
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        if existed and name not in names:
+            raise StudyMismatch(
+                f"{path} holds the study {', '.join(names) or '(none)'}, not this sweep's ({name})",
+                fix="hydra.sweeper.storage=<a new file> for this sweep, or relaunch the "
+                "sweep that wrote it",
+            )
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                    pruner=pruner, direction=defined["direction"],
+                                    load_if_exists=True)  # fmt: skip
+        stored = study.user_attrs.get("trainyard")
+        study.trials  # noqa: B018  (every record read now, not half way through the sweep)
+    except ConfigError:
+        raise
     except Exception as exc:  # the journal's own errors: unreadable, not a journal, cut
         raise ConfigError(
             f"the study file {path} cannot be read ({type(exc).__name__}: {exc}); it was "
             "left as it is",
-            fix=f"move it away to start the study afresh, or hydra.sweeper.storage=<another "
-            f"file>; a copy of it is at {path} for inspection",
+            fix="move it away to start the study afresh, or hydra.sweeper.storage=<another file>",
         ) from None
-    if existed and name not in names:
-        raise StudyMismatch(
-            f"{path} holds the study {', '.join(names) or '(none)'}, not this sweep's ({name})",
-            fix="hydra.sweeper.storage=<a new file> for this sweep, or relaunch the sweep "
-            "that wrote it",
-        )
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                pruner=pruner, direction=defined["direction"],
-                                load_if_exists=True)  # fmt: skip
-    stored = study.user_attrs.get("trainyard")
     if stored is None:
         study.set_user_attr("trainyard", defined)
     elif stored != defined:
@@ -158,6 +162,24 @@ def open_study(path: Path, name: str, defined: dict, sampler: Any, pruner: Any) 
             "hydra.sweeper.storage=<a new file> (or another name=) for a new study",
         )
     return study
+
+
+def _check_journal(path: Path) -> None:
+    """Every record of an existing journal reads, before anything is appended to it (Optuna
+    would append a new study after a record it cannot read, burying the old one)."""
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            record, error = None, exc
+        if not isinstance(record, dict) or "op_code" not in record:
+            raise ConfigError(
+                f"the study file {path} cannot be read: line {number} is not one of Optuna's "
+                f"journal records ({error if record is None else 'no op_code'}); it was left "
+                "as it is",
+                fix="move it away to start the study afresh, or hydra.sweeper.storage=<another "
+                "file>",
+            )
 
 
 def sampler(kind: str, space: dict[str, Any], seed: int | None) -> Any:

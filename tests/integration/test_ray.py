@@ -145,3 +145,25 @@ def test_no_head_at_the_address_says_how_to_start_one(tmp_path):
     dry = cli(tmp_path, "submit", "--dry-run", "cluster=ray", "cluster.address=127.0.0.1:9")
     assert dry.returncode == 0 and '"entrypoint"' in dry.stdout, dry.stderr
     assert "not checked with the cluster" in dry.stdout
+
+
+def test_an_optuna_sweep_keeps_two_trials_in_flight_on_the_cluster(ray_head, tmp_path):
+    args = ["-m", "cluster=ray", f"cluster.address={ray_head}", "sweep=random",
+            "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4", "hydra.sweeper.seed=0",
+            "hydra.sweeper.poll_s=0.2", "optimizer.lr=tag(log,interval(1e-4,1e-1))",
+            *SHORT]  # fmt: skip
+    out = train_cli(args, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = run_dirs(tmp_path)
+    assert len(runs) == 4 and all((r / "result.json").exists() for r in runs)
+    # one submission per trial, recorded in its run directory
+    records = [r for run in runs for r in json.loads((run / "submission.json").read_text())]
+    assert len(records) == 4 and {r["backend"] for r in records} == {"ray"}
+    records.sort(key=lambda r: r["time"])
+    ended = {r["trials"][0]: _state(Path(r["trials"][0]))["history"][-1]["time"] for r in records}
+    # two in flight: the second trial went out before the first one ended, and every later
+    # one as soon as one ended, not when both had
+    assert records[1]["time"] < ended[records[0]["trials"][0]]
+    for later in records[2:]:
+        finished_before = [t for t, end in ended.items() if end < later["time"]]
+        assert len(finished_before) >= 1

@@ -95,6 +95,7 @@ class TrainyardOptunaSweeper(Sweeper):
             return _Search(self, arguments).run()
         except TrainyardError as exc:
             print(f"trainyard: {exc.render()}", file=sys.stderr)
+            _remove_empty(self.config)
             sys.exit(exc.exit_code)
 
 
@@ -176,7 +177,12 @@ class _Search:
         sample = [f"{k}={_first(d)}" for k, d in self.space.items()]
         loader = self.sweeper.hydra_context.config_loader
         try:
-            loader.load_sweep_config(self.sweeper.config, self.fixed + sample)
+            cfg = loader.load_sweep_config(self.sweeper.config, self.fixed + sample)
+            HydraConfig.instance().set_config(cfg)
+            if self.trainyard_app:  # and what trainyard checks of a config (the metric, ...)
+                _check_trainyard(cfg)
+        except ConfigError:
+            raise
         except Exception as exc:
             raise ConfigError(
                 f"the search space does not compose ({type(exc).__name__}: {exc})",
@@ -282,8 +288,11 @@ class _Search:
         if flight.run_dir is None:
             return
         flight.run_dir.mkdir(parents=True, exist_ok=True)
+        # the pruner is not stored in the study: each process that asks builds its own
         info = {"storage": str(self.storage), "study": self.study.study_name,
-                "trial_id": flight.trial_id, "number": flight.number}  # fmt: skip
+                "trial_id": flight.trial_id, "number": flight.number,
+                "pruner": self.s.pruner, "min_resource": self.s.min_resource,
+                "reduction_factor": self.s.reduction_factor}  # fmt: skip
         write_json(flight.run_dir / SWEEP_FILE, info)
 
     # --- outcomes ---------------------------------------------------------------------
@@ -362,6 +371,35 @@ class _Search:
                    "trials": len(self.study.trials)}  # fmt: skip
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         print(f"best: trial {best.number} {self.metric}={best.value:.6g} {best.params}")
+
+
+def _remove_empty(config: Any) -> None:
+    """A refused sweep leaves nothing behind: the sweep directory Hydra's start made (to
+    check that it can write there) goes, with its parents that only held it."""
+    from omegaconf import OmegaConf
+
+    stop = Path(str(OmegaConf.select(config, "paths.root_dir", default="/"))).absolute()
+    directory = Path(str(config.hydra.sweep.dir)).absolute()
+    while directory != stop and stop in directory.parents:
+        try:
+            directory.rmdir()  # only when empty
+        except OSError:
+            return
+        directory = directory.parent
+
+
+def _check_trainyard(cfg: Any) -> None:
+    """trainyard's own checks of one trial's config, as its launch would make them."""
+    from omegaconf import open_dict
+
+    from trainyard import preflight
+    from trainyard.freeze import freeze
+
+    run_dir = Path(str(cfg.hydra.sweep.dir)) / "check"
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.paths.run_dir = str(run_dir)
+    preflight.check_config(freeze(cfg), build=False)
 
 
 def _key(params: dict[str, Any]) -> str:

@@ -37,6 +37,8 @@ def infeasible(nodes: list[dict[str, float]], cpus: float, gpus: float) -> str |
     """Why no node of ``nodes`` (their total resources) can hold a trial, or None."""
     if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
         return None
+    if not nodes:
+        return "the cluster has no live node (its head's processes died? ray status tells)"
     most = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
     return (
         f"each trial needs {cpus:g} CPU(s) and {gpus:g} GPU(s) on one node; the largest of "

@@ -35,9 +35,14 @@ class SweepPruning(Callback):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
+        from trainyard import search
+
         info = json.loads((self.run_dir / SWEEP_FILE).read_text())
+        if info.get("pruner") in (None, "none"):
+            return
         storage = JournalStorage(JournalFileBackend(info["storage"]))
-        study = optuna.load_study(study_name=info["study"], storage=storage)
+        pruner = search.pruner(info["pruner"], info["min_resource"], info["reduction_factor"])
+        study = optuna.load_study(study_name=info["study"], storage=storage, pruner=pruner)
         self._trial = optuna.trial.Trial(study, info["trial_id"])
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:

@@ -213,6 +213,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _each_submission(Path(args.path), cancel)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from trainyard import report
+    from trainyard.errors import TrainyardError
+
+    try:
+        if args.watch:
+            report.watch(Path(args.path), args.every)
+        print(report.write(Path(args.path), args.top, with_plots=not args.no_plots))
+    except TrainyardError as exc:
+        print(f"trainyard: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainyard",
@@ -241,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("overrides", nargs="*", help="Hydra overrides, as for trainyard-train")
     submit.set_defaults(func=cmd_submit)
+    report = sub.add_parser(
+        "report",
+        help="a sweep's results: table (terminal, CSV, Markdown), the best trial as an "
+        "experiment file, plots; --watch follows a running sweep",
+    )
+    report.add_argument("path", help="a sweep directory (outputs/<name>/sweeps/<key>)")
+    report.add_argument("--top", type=int, default=20, help="rows shown in the terminal")
+    report.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    report.add_argument(
+        "--watch", action="store_true",
+        help="print the sweep's state every --every seconds until it ends",
+    )  # fmt: skip
+    report.add_argument("--every", type=float, default=2.0, help="seconds between views")
+    report.set_defaults(func=cmd_report)
     for name, func, text in (
         ("logs", cmd_logs, "the scheduler's output of what was submitted from a directory"),
         ("cancel", cmd_cancel, "cancel what was submitted from a run or sweep directory"),

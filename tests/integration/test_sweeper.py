@@ -163,3 +163,40 @@ def test_poor_trials_are_pruned_at_an_epoch_boundary_and_recorded_so(tmp_path):
         else:
             assert result["epochs"] == 4
     assert "pruned" in out.stdout
+
+
+def test_report_ranks_the_trials_and_writes_a_best_experiment_that_reproduces_it(tmp_path):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from tests.conftest import cli
+    from trainyard.trial import identity_changes
+
+    args = ["-m", "sweep=grid", "optimizer.lr=0.001,0.01,0.1", "model=mlp", "logger=csv",
+            *[a for a in TINY if a != "logger=none"]]  # fmt: skip
+    assert train_cli(args, tmp_path).returncode == 0
+    runs = run_dirs(tmp_path)
+    sweep_dir = runs[0].parent
+    out = cli(tmp_path, "report", str(sweep_dir))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("3 trial(s): 3 completed; best val/acc=")
+    with open(sweep_dir / "report" / "trials.csv") as f:
+        rows = list(__import__("csv").reader(f))
+    assert rows[0][:3] == ["rank", "state", "optimizer.lr"] and len(rows) == 4
+    values = [float(r[3]) for r in rows[1:]]
+    assert values == sorted(values, reverse=True)  # best first (val/acc: max)
+    assert (sweep_dir / "report" / "trials.md").read_text().count("\n") == 5
+    plots = sorted(p.name for p in (sweep_dir / "report" / "plots").iterdir())
+    assert plots == ["learning_curves.png", "val_acc_vs_optimizer.lr.png"]
+    assert all((sweep_dir / "report" / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+    # the experiment file composes to the best trial's config
+    best_run = sweep_dir / rows[1][-1]
+    searchpath = f"hydra.searchpath=[file://{sweep_dir / 'report'}]"
+    composed = train_cli([searchpath, "experiment=best", "--cfg", "job", "--resolve"], tmp_path)
+    assert composed.returncode == 0, composed.stderr
+    best = OmegaConf.load(best_run / "config.yaml")
+    assert identity_changes(best, OmegaConf.create(yaml.safe_load(composed.stdout))) == []
+    watch = cli(tmp_path, "report", "--watch", "--no-plots", str(sweep_dir))
+    assert watch.returncode == 0 and "3 completed" in watch.stdout.splitlines()[0]
+    missing = cli(tmp_path, "report", str(tmp_path / "nowhere"))
+    assert missing.returncode == EXIT_CONFIG and "fix:" in missing.stderr

@@ -8,8 +8,8 @@ started and imported (warm). submitit's local launcher starts a process per tria
 once, so it is never warm (and 2N processes at once would not fit in memory): its N-trial
 wall is compared with the others' cold walls. Per path: the walls, the fraction of the
 warm slots' time spent training (a trial's training: ``running`` to ``completed`` in its
-status.json), and the scheduling overhead per trial (the rest of the warm slots' time, per
-trial).
+status.json), and the scheduling overhead per trial: the warm wall each trial adds beyond
+its share of the training (its training time divided by the slots training at once).
 
 Goal (issue: Ray backend): Ray at least 1.6x faster than the basic launcher once warm, and
 at most 0.2 s of scheduling overhead per trial. Needs ``bash cluster/ray/ray.sh start``
@@ -99,7 +99,8 @@ def main() -> None:
         warm[path] = large - small
         trained = n * sum(seconds) / len(seconds)  # N trials' worth of training
         busy = trained / (warm[path] * slots)
-        overhead = (warm[path] * slots - trained) / n
+        # the wall each trial adds beyond its share of training on the slots
+        overhead = (warm[path] - trained / slots) / n
         rows += [
             (f"{path}: wall, {n} trials (cold: startup and imports included)", small, "s"),
             (f"{path}: wall, {2 * n} trials", large, "s"),

@@ -118,12 +118,74 @@ def _left_queued(records: list[dict], exc: BaseException) -> None:
     sys.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
 
 
+class Compositions:
+    """Hydra's ``load_sweep_config``, done once per distinct set of group choices.
+
+    A sweep's trials mostly differ in values. Hydra composes each from scratch (about
+    0.1 s: the defaults list, every YAML file read and merged again); here the trials that
+    share their group choices share one composition, and each applies its value overrides
+    to a copy with Hydra's own function and gets Hydra's bookkeeping of its overrides
+    (``hydra.overrides.task``, ``hydra.job.override_dirname``). A trial overriding
+    ``hydra.*`` is composed in full. tests/unit/test_sweep_compose.py holds the result to
+    Hydra's own, trial by trial.
+    """
+
+    def __init__(self, loader: Any, master: DictConfig) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self.loader, self.master = loader, master
+        self._parser = OverridesParser.create()
+        self._base: dict[tuple[str, ...], DictConfig] = {}
+        self._groups: dict[str, bool] = {}
+
+    def load(self, overrides: list[str]) -> DictConfig:
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+
+        parsed = self._parser.parse_overrides(overrides)
+        if any(o.is_hydra_override() for o in parsed):
+            return self.loader.load_sweep_config(self.master, overrides)
+        groups = tuple(o.input_line for o in parsed if self._is_group(o))
+        if groups not in self._base:
+            self._base[groups] = self.loader.load_sweep_config(self.master, list(groups))
+        cfg = copy.deepcopy(self._base[groups])
+        values = [o for o in parsed if not self._is_group(o)]
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        job = cfg.hydra.job
+        with open_dict(cfg.hydra):
+            cfg.hydra.overrides.task = [o.input_line for o in parsed]
+            job.override_dirname = get_overrides_dirname(
+                overrides=parsed,
+                kv_sep=job.config.override_dirname.kv_sep,
+                item_sep=job.config.override_dirname.item_sep,
+                exclude_keys=job.config.override_dirname.exclude_keys,
+            )
+        return cfg
+
+    def _is_group(self, override: Any) -> bool:
+        """As Hydra splits them: a config group's choice unless the value is a dict."""
+        key = override.key_or_group
+        if key not in self._groups:
+            self._groups[key] = self.loader.repository.group_exists(key)
+        return self._groups[key] and not isinstance(override.value(), dict)
+
+
+def _compositions(launcher: Any) -> Compositions:
+    """One per launcher and master config: a sweeper calls launch() batch after batch."""
+    cached = getattr(launcher, "_trainyard_compositions", None)
+    if cached is None or cached.master is not launcher.config:
+        cached = Compositions(launcher.hydra_context.config_loader, launcher.config)
+        launcher._trainyard_compositions = cached
+    return cached
+
+
 def _plan(launcher: Any, overrides: list[str], job_num: int, adjust) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     from trainyard.submit import Planned
 
-    sweep = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
+    sweep = _compositions(launcher).load(overrides)
     with open_dict(sweep.hydra.job):
         sweep.hydra.job.num = job_num
     HydraConfig.instance().set_config(sweep)  # resolves ${hydra:...} for this trial

@@ -21,7 +21,9 @@ class TrainyardLauncherConf:
     _target_: str = "hydra_plugins.trainyard.launcher.TrainyardLauncher"
     # wait for the trials and hand their metrics to the sweeper; false: submit and return
     wait: bool = True
-    poll_s: float = 2.0  # how often to look at the run directories and the scheduler
+    # how often to look at the run directories and the scheduler (one small request to a
+    # Ray head or a local process each time; a sweep ends at most this long after its trials)
+    poll_s: float = 0.5
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="trainyard", node=TrainyardLauncherConf)
@@ -31,7 +33,7 @@ class TrainyardLauncher(BasicLauncher):
     """With ``cluster=local`` Hydra's basic launcher; with any other backend, the trials
     go to that backend."""
 
-    def __init__(self, wait: bool = True, poll_s: float = 2.0) -> None:
+    def __init__(self, wait: bool = True, poll_s: float = 0.5) -> None:
         super().__init__()
         self.wait, self.poll_s = wait, poll_s
 

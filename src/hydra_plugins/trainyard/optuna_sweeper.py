@@ -129,6 +129,7 @@ class _Search:
         self.in_flight: dict[int, _Flight] = {}
         self.next_job = 0
         self.returns: list[list[Any]] = []  # per launch, as Hydra's sweepers return them
+        self.compositions: Any = None  # trainyard.sweep_launch.Compositions, made on use
 
     # --- setting up -------------------------------------------------------------------
 
@@ -268,9 +269,13 @@ class _Search:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import open_dict
 
-        loader = self.sweeper.hydra_context.config_loader
+        from trainyard.sweep_launch import Compositions
+
+        if self.compositions is None:
+            loader = self.sweeper.hydra_context.config_loader
+            self.compositions = Compositions(loader, self.sweeper.config)
         try:
-            sweep = loader.load_sweep_config(self.sweeper.config, overrides)
+            sweep = self.compositions.load(overrides)
             with open_dict(sweep.hydra.job):
                 sweep.hydra.job.num = job
             HydraConfig.instance().set_config(sweep)

@@ -84,14 +84,11 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; trials: {' '.join(TRIAL)}", flush=True)
     for path in args.paths.split(","):
         _, slots = PATHS[path]
-        small, first = sweep(path, n, 0)
+        small, _ = sweep(path, n, 0)
         if path == "submitit_local":  # a process per trial, all at once: never warm, and
             # 2N of them at once would not fit in memory (about 350 MB each)
-            busy = sum(first) / (small * slots)
-            rows += [
-                (f"{path}: wall, {n} trials (a process each, all started at once)", small, "s"),
-                (f"{path}: fraction of {slots} cores' time spent training", busy, ""),
-            ]
+            # (their training times overlap on contended cores: no fraction to give)
+            rows.append((f"{path}: wall, {n} trials (a process each, all at once)", small, "s"))
             cold[path] = small
             print(f"{path}: {small:.1f} s for {n}", flush=True)
             continue

@@ -9,7 +9,7 @@ usage: bash cluster/ray/ray.sh {start|stop|status|address|help}
 
   start    start a Ray head on 127.0.0.1 and wait until its Jobs API answers. A no-op
            when one started by this script is already up.
-  stop     stop it (its workers get SIGTERM, then SIGKILL)
+  stop     stop every Ray process on this machine at once (ray stop --force: SIGKILL)
   status   exit 0 when the head answers, 3 otherwise
   address  print the Jobs API address trainyard needs (cluster.address / RAY_ADDRESS)
 

@@ -110,9 +110,12 @@ def direction(sweep_dir: Path, trials: list[Trial]) -> str:
 
     for source in (sweep_dir / "multirun.yaml", trials[0].run / "config.yaml"):
         if source.exists():
-            mode = (yaml.safe_load(source.read_text()) or {}).get("monitor_mode")
-            if mode in ("max", "min"):
-                return mode
+            data = yaml.safe_load(source.read_text()) or {}
+            sweeper = (data.get("hydra") or {}).get("sweeper") or {}
+            if sweeper.get("direction") in ("maximize", "minimize"):  # the sweeper's word
+                return sweeper["direction"][:3]
+            if data.get("monitor_mode") in ("max", "min"):
+                return data["monitor_mode"]
     return "max"
 
 
@@ -335,7 +338,14 @@ def watch(sweep_dir: Path, every_s: float = 2.0, out: Any = None) -> None:
 
     out = out or sys.stdout
     while True:
-        trials = collect(sweep_dir)
+        try:
+            trials = collect(sweep_dir)
+        except ConfigError:  # nothing there yet: the sweep is starting
+            if not _driven(sweep_dir):
+                raise
+            print(f"[{time.strftime('%H:%M:%S')}] no trial yet", file=out, flush=True)
+            time.sleep(every_s)
+            continue
         mode = direction(sweep_dir, trials)
         metric = _metric(trials)
         stamp = time.strftime("%H:%M:%S")

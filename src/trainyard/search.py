@@ -167,7 +167,11 @@ def open_study(path: Path, name: str, defined: dict, sampler: Any, pruner: Any) 
 def _check_journal(path: Path) -> None:
     """Every record of an existing journal reads, before anything is appended to it (Optuna
     would append a new study after a record it cannot read, burying the old one)."""
-    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+    data = path.read_bytes()
+    lines = data.splitlines()
+    if lines and not data.endswith(b"\n"):
+        lines.pop()  # cut short by a writer that died mid-record: Optuna skips it too
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError as exc:

@@ -253,11 +253,12 @@ def submit_planned(
             if dry_run:
                 print(request)
                 continue
+            sent_at = time.time()  # before: a trial may end before submit() returns
             with phase("submit"):
                 job_id = _send(backend, request, job, records)
             # a sweep split into several arrays: each record lists its own array's trials
             trials = getattr(request, "trials", job.trials)
-            records.append(_record(job, backend.name, job_id, trials))
+            records.append(_record(job, backend.name, job_id, trials, sent_at))
     return records
 
 
@@ -378,13 +379,14 @@ def _needs_training(trial: Checked) -> bool:
     return True
 
 
-def _record(job: Any, backend: str, job_id: str, trials: list[Path]) -> dict[str, Any]:
+def _record(job: Any, backend: str, job_id: str, trials: list[Path],
+            sent_at: float | None = None) -> dict[str, Any]:  # fmt: skip
     record = {
         "backend": backend,
         "job_id": job_id,
         "trials": [str(t) for t in trials],
         "log_dir": str(job.log_dir),
-        "time": time.time(),
+        "time": time.time() if sent_at is None else sent_at,  # when it was sent
     }
     path = Path(job.log_dir) / SUBMISSION
     history = json.loads(path.read_text()) if path.exists() else []

@@ -91,7 +91,34 @@ def start(
 
         print(f"trainyard: {exc.render()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    records += _already_queued(planned, records)
     return Started([list(o) for o in job_overrides], planned, failed, records)
+
+
+def _already_queued(planned: list[Any], records: list[dict]) -> list[dict]:
+    """The earlier submissions of trials that were not sent again because a job still has
+    them (a driver that died and was relaunched): followed, not taken for finished."""
+    import json
+
+    from trainyard.rundir import RunDir
+    from trainyard.submit import SUBMISSION
+
+    sent = {t for r in records for t in r["trials"]}
+    found: dict[str, dict] = {}
+    for p in planned:
+        trial = str(p.run_dir)
+        if trial in sent or RunDir(trial).state == "completed":
+            continue
+        for log_dir in (Path(trial), Path(trial).parent):
+            path = log_dir / SUBMISSION
+            history = json.loads(path.read_text()) if path.exists() else []
+            latest = [r for r in history if trial in r["trials"]][-1:]
+            for record in latest:
+                found.setdefault(record["job_id"], {**record, "trials": []})
+                found[record["job_id"]]["trials"].append(trial)
+            if latest:
+                break
+    return list(found.values())
 
 
 def collect(started: Started, forget_after_s: float = 30.0) -> list[Any] | None:
@@ -204,7 +231,6 @@ def _pending(started: Started, forget_after_s: float) -> list[str]:
     (deleted, cancelled, expired), is over."""
     from trainyard import backends
     from trainyard.errors import TrainyardError
-    from trainyard.rundir import RunDir
 
     unknown_since, pending = started.unknown_since, []
     for record in started.records:
@@ -219,8 +245,19 @@ def _pending(started: Started, forget_after_s: float) -> list[str]:
         forgotten = not scheduler and time.monotonic() - first > forget_after_s
         gone = scheduler and all(s.split()[0] in _GONE for s in scheduler.values())
         if not (gone or forgotten):
-            pending += [t for t in record["trials"] if RunDir(t).state not in _DONE]
+            pending += [t for t in record["trials"] if not _ended_since(t, record)]
     return pending
+
+
+def _ended_since(trial: str, record: dict) -> bool:
+    """The trial ended after it was sent: a trial sent again still shows how its previous
+    attempt ended (failed, interrupted) until it starts."""
+    from trainyard.rundir import RunDir
+
+    status = RunDir(trial).status()
+    if status["state"] not in _DONE or not status["history"]:
+        return False
+    return status["history"][-1].get("time", 0) >= record.get("time", 0)
 
 
 def _reported(records: list[dict]) -> dict[str, dict]:

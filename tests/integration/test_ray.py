@@ -167,3 +167,42 @@ def test_an_optuna_sweep_keeps_two_trials_in_flight_on_the_cluster(ray_head, tmp
     for later in records[2:]:
         finished_before = [t for t, end in ended.items() if end < later["time"]]
         assert len(finished_before) >= 1
+
+
+def test_a_relaunched_sweep_follows_the_trials_its_dead_driver_left_running(ray_head, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import _env
+
+    args = ["-m", "cluster=ray", f"cluster.address={ray_head}", "sweep=random",
+            "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.seed=0",
+            "hydra.sweeper.pruner=median", "optimizer.lr=tag(log,interval(1e-3,1e-2))",
+            "trainer.max_epochs=40", "callbacks.early_stopping=null",
+            "+trainer.limit_val_batches=1", "logger=none", "test_after_fit=false"]  # fmt: skip
+    driver = subprocess.Popen([sys.executable, "-m", "trainyard.train", *args], cwd=tmp_path,
+                              env=_env(tmp_path, None), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        _wait(lambda: len(run_dirs(tmp_path)) == 2
+              and all((r / "checkpoints" / "last.ckpt").exists() for r in run_dirs(tmp_path)),
+              what="both trials training")  # fmt: skip
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies; its Ray jobs go on
+        driver.wait()
+    assert all(_state(r)["state"] == "running" for r in run_dirs(tmp_path))
+    out = train_cli(args, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "run again" not in out.stdout  # neither was taken for failed
+    for run in run_dirs(tmp_path):
+        states = [h["state"] for h in _state(run)["history"]]
+        assert states == ["created", "running", "completed"], (run, states)  # trained once
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    [journal] = (tmp_path / "outputs").rglob("study.journal")
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    [summary] = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]

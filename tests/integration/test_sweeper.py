@@ -200,3 +200,14 @@ def test_report_ranks_the_trials_and_writes_a_best_experiment_that_reproduces_it
     assert watch.returncode == 0 and "3 completed" in watch.stdout.splitlines()[0]
     missing = cli(tmp_path, "report", str(tmp_path / "nowhere"))
     assert missing.returncode == EXIT_CONFIG and "fix:" in missing.stderr
+
+
+def test_a_point_the_sampler_proposes_again_is_a_trial_of_the_budget(tmp_path):
+    # two points, three trials: the third finds a finished run directory and its result
+    args = ["-m", "sweep=random", "hydra.sweeper.n_trials=3", "hydra.sweeper.seed=0",
+            "model.hidden=choice(32,64)", *TINY]  # fmt: skip
+    out = train_cli(args, tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(_study(tmp_path).trials) == 3
+    assert len(run_dirs(tmp_path)) <= 2
+    assert all(_history(r).count("running") == 1 for r in run_dirs(tmp_path))

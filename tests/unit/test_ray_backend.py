@@ -31,7 +31,9 @@ def test_the_request_is_the_driver_command_with_each_trials_resources(tmp_path):
     assert argv[:3] == ["python", "-m", "trainyard.backends.ray_driver"]
     assert argv[3] == str(request.trials_file) and request.trials_file.parent == job.log_dir
     options = dict(zip(argv[4::2], argv[5::2], strict=True))
-    assert options == {"--cpus": "8", "--gpus": "2", "--max-retries": "2", "--max-concurrent": "5"}
+    assert options == {"--cpus": "8", "--gpus": "2", "--max-retries": "2", "--max-requeues": "3",
+                       "--max-concurrent": "5"}  # fmt: skip
+    assert payload["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
     assert payload["entrypoint_num_cpus"] == 0
     assert payload["runtime_env"]["env_vars"]["WANDB_MODE"] == "offline"
     assert payload["submission_id"].startswith("trainyard-digits-mlp-")

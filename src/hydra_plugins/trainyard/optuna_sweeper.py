@@ -208,10 +208,7 @@ class _Search:
             batch = []
             while room > 0 and (relaunch or self._ended() + len(self.in_flight) + len(batch)
                                 < self.budget):  # fmt: skip
-                flight = self._flight(relaunch.pop(0) if relaunch else None)
-                if flight is None:  # the grid is exhausted
-                    break
-                batch.append(flight)
+                batch.append(self._flight(relaunch.pop(0) if relaunch else None))
                 room -= 1
             if not batch and not self.in_flight:
                 return
@@ -228,19 +225,23 @@ class _Search:
                     self._tell(flight, ret)
 
     def _collect(self) -> None:
+        """Wait until at least one trial in flight has ended (then there is room for the
+        next), looking every poll_s seconds; a stop signal ends the wait."""
         from trainyard import signals
 
-        while True:
+        while self.in_flight:
+            ended = 0
             for number, flight in list(self.in_flight.items()):
                 returns = self.sweeper.launcher.collect(flight.handle)
                 if returns is not None:
                     del self.in_flight[number]
                     self.returns.append(list(returns))
                     self._tell(flight, returns[0])
-            if len(self.in_flight) < self.s.n_jobs:
+                    ended += 1
+            if ended:
                 return
             request = signals.requested()
-            if request is not None:
+            if request is not None:  # the trials stay with the cluster; a relaunch follows them
                 raise request.error(f"with {len(self.in_flight)} trial(s) in flight")
             time.sleep(self.s.poll_s)
 
@@ -340,22 +341,21 @@ class _Search:
         if len(failures) > self.s.max_failures:
             return False
         self.study.enqueue_trial(flight.params, skip_if_exists=False)
+        # this trial's point is not done: the queued one stands for it in the budget
+        self.study._storage.set_trial_user_attr(flight.trial_id, "retried", True)
         return True
 
     def _ended(self) -> int:
-        """Points of the space that are done: completed, pruned, or failed for good."""
+        """Trials that have ended for the budget: completed, pruned, or failed and not run
+        again (a point the sampler proposes twice is two trials: the second one finds the
+        first's result)."""
         from optuna.trial import TrialState
 
+        final = (TrialState.COMPLETE, TrialState.PRUNED)
         trials = self.study.get_trials(deepcopy=False)
-        done = {_key(t.params) for t in trials
-                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}  # fmt: skip
-        failures: dict[str, int] = {}
-        for t in trials:
-            if t.state == TrialState.FAIL:
-                failures[_key(t.params)] = failures.get(_key(t.params), 0) + 1
-        done |= {k for k, n in failures.items() if n > self.s.max_failures}
-        waiting = {_key(t.params) for t in trials if t.state == TrialState.WAITING}
-        return len(done - waiting)
+        return sum(t.state in final or (t.state == TrialState.FAIL
+                                        and not t.user_attrs.get("retried"))
+                   for t in trials)  # fmt: skip
 
     def _finish(self) -> None:
         from omegaconf import OmegaConf
@@ -407,10 +407,6 @@ def _check_trainyard(cfg: Any) -> None:
     preflight.check_config(freeze(cfg), build=False)
 
 
-def _key(params: dict[str, Any]) -> str:
-    return repr(sorted(params.items()))
-
-
 def _first(distribution: Any) -> Any:
     from trainyard import search
 
@@ -432,8 +428,8 @@ class _driving:
         from trainyard.errors import RunDirError
 
         self.lock = FileLock(str(self.path))
-        try:
-            self.lock.acquire(timeout=0)
+        try:  # (a report --watch holds it for an instant to see whether a driver does)
+            self.lock.acquire(timeout=2)
         except Timeout:
             raise RunDirError(
                 f"another launch of this sweep is driving it ({self.path} is held)",

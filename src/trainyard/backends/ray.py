@@ -113,10 +113,14 @@ class RayBackend(Backend):
         argv = [python, "-m", "trainyard.backends.ray_driver", str(trials_file)]
         argv += ["--cpus", f"{cpus:g}", "--gpus", f"{gpus:g}"]
         argv += ["--max-retries", str(int(cluster.get("max_retries", 3)))]
+        argv += ["--max-requeues", str(int(cluster.get("max_requeues_without_progress", 3)))]
         if cluster.get("max_concurrent"):
             argv += ["--max-concurrent", str(int(cluster["max_concurrent"]))]
         env = {str(k): str(v) for k, v in (cluster.get("env") or {}).items()}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # how long a stopped job's driver has before Ray kills it (its supervisor reads the
+        # job's environment): time for every trial to checkpoint; Ray's default is 3 s
+        env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(int(cluster.get("grace_period_s", 60))))
         metadata = {"trainyard.name": str(job.name), "trainyard.trials": str(len(job.trials))}
         return [
             RayRequest(
@@ -189,7 +193,8 @@ class RayBackend(Backend):
 
 _REACH = (
     "start a local head with `bash cluster/ray/ray.sh start`, or point cluster.address "
-    "(or RAY_ADDRESS) at the head's Jobs API, http://<head>:8265"
+    "(or RAY_API_SERVER_ADDRESS) at the head's Jobs API, http://<head>:8265 (inside a Ray "
+    "job, RAY_ADDRESS names the cluster's own port instead)"
 )
 
 

@@ -52,7 +52,7 @@ def run_trial(run_dir: str) -> dict[str, Any]:
     raised: an error of the trial is final, and only a dead worker is Ray's to retry.
     The worker's signal handlers are Ray's again afterwards."""
     from trainyard import signals
-    from trainyard.errors import EXIT_FAILED, Stopped, TrainyardError
+    from trainyard.errors import EXIT_FAILED, EXIT_PREEMPTED, Stopped, TrainyardError, TrialBusy
     from trainyard.train import run_prepared
 
     saved = {s: signal.getsignal(s) for s in _HANDLED}
@@ -61,6 +61,8 @@ def run_trial(run_dir: str) -> dict[str, Any]:
         return {"state": "completed", "value": run_prepared(run_dir)}
     except Stopped as exc:
         return {"state": exc.state, "error": exc.message, "exit_code": exc.exit_code}
+    except TrialBusy as exc:  # another process trains it: its state is that one's to write
+        return {"state": "busy", "error": exc.message, "exit_code": EXIT_PREEMPTED}
     except TrainyardError as exc:
         _failed(run_dir, exc.message, exc.exit_code)
         return {"state": "failed", "error": exc.message, "exit_code": exc.exit_code}
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=float, default=0.0)
     parser.add_argument("--max-retries", type=int, default=3)
     parser.add_argument("--max-concurrent", type=int, default=0)
+    parser.add_argument("--max-requeues", type=int, default=3)
     args = parser.parse_args(argv)
     trials = json.loads(args.trials_file.read_text())["trials"]
 
@@ -183,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     options = {"num_cpus": args.cpus, "num_gpus": args.gpus, "max_retries": args.max_retries,
                "retry_exceptions": False}  # fmt: skip
-    driver = Driver(ray.remote(run_trial), options, trials, args.max_concurrent or len(trials))
+    # a GPU trial gets a fresh worker: a reused one would keep the last trial's CUDA
+    # context and memory, on the GPU Ray gave that trial (Ray's own default for GPU tasks,
+    # which it applies only to functions declared with num_gpus)
+    task = ray.remote(max_calls=1 if args.gpus else 0)(run_trial)
+    cap = args.max_concurrent or len(trials)
+    driver = Driver(task, options, trials, cap, args.max_requeues)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, driver.stop)
     code = driver.run()

@@ -51,8 +51,7 @@ class SweepPruning(Callback):
         prune, epoch = False, trainer.current_epoch + 1  # epochs trained: the resource
         value = trainer.callback_metrics.get(self.monitor)
         if self._trial is not None and value is not None:
-            self._trial.report(float(value), step=epoch)
-            prune = self._trial.should_prune()
+            prune = self._ask(float(value), epoch)
         prune = bool(trainer.strategy.broadcast(prune, src=0))
         if prune:
             trainer.should_stop = True
@@ -60,3 +59,18 @@ class SweepPruning(Callback):
                 from trainyard.rundir import write_json
 
                 write_json(self.run_dir / PRUNED_FILE, {"epoch": epoch, "value": float(value)})
+
+    def _ask(self, value: float, epoch: int) -> bool:
+        """Report and ask the pruner. The sweep may have settled this trial already (a
+        relaunched sweep that gave up on it): training then goes on without pruning."""
+        import logging
+
+        from optuna.exceptions import OptunaError
+
+        try:
+            self._trial.report(value, step=epoch)
+            return self._trial.should_prune()
+        except (OptunaError, RuntimeError) as exc:
+            logging.getLogger("trainyard").warning("pruning off for this trial: %s", exc)
+            self._trial = None
+            return False

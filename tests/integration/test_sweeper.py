@@ -211,3 +211,16 @@ def test_a_point_the_sampler_proposes_again_is_a_trial_of_the_budget(tmp_path):
     assert len(_study(tmp_path).trials) == 3
     assert len(run_dirs(tmp_path)) <= 2
     assert all(_history(r).count("running") == 1 for r in run_dirs(tmp_path))
+
+
+def test_a_trial_refused_for_bad_input_is_not_run_again_and_the_sweep_says_so(tmp_path):
+    # 4 ranks on a 2-core machine: refused where the ranks would start (bad input, exit 2)
+    args = ["-m", "sweep=grid", "trainer=ddp", "trainer.devices=1,64", *TINY]
+    out = train_cli(args, tmp_path)
+    assert out.returncode == EXIT_CONFIG, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "failed" in out.stdout and "run again" not in out.stdout
+    states = sorted(t.state.name for t in _study(tmp_path).trials)
+    assert states == ["COMPLETE", "FAIL"]  # once each: the refused point was not retried
+    again = train_cli(args, tmp_path)  # nor on relaunch: the point has ended
+    assert sorted(t.state.name for t in _study(tmp_path).trials) == ["COMPLETE", "FAIL"]
+    assert again.returncode == 0 and "run again" not in again.stdout, again.stderr[-2000:]

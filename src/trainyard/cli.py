@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser(
         "submit",
         help="prepare trials and send them to a cluster (cluster=slurm, k8s, k8s_local, "
-        "local); a,b values sweep",
+        "ray, local); a,b values sweep",
     )
     submit.add_argument("--dry-run", action="store_true", help="print the requests only")
     submit.add_argument(

@@ -45,6 +45,7 @@ class Trial:
     pruned: bool = False
     error: str | None = None
     monitor: str | None = None
+    created: float = 0.0  # when its run directory was made: ties go to the earlier trial
 
     def params(self) -> dict[str, str]:
         return dict(o.lstrip("+").split("=", 1) for o in self.overrides if "=" in o)
@@ -62,7 +63,8 @@ def _trial(run: Path) -> Trial | None:
     if not isinstance(status, dict):
         return None
     trial = Trial(run, status.get("state") or "unknown")
-    last = (status.get("history") or [{}])[-1]
+    history = status.get("history") or [{}]
+    last, trial.created = history[-1], float(history[0].get("time") or 0.0)
     trial.error = last.get("error")
     result = _read(run / "result.json") if trial.state == "completed" else None
     if isinstance(result, dict):
@@ -122,7 +124,8 @@ def direction(sweep_dir: Path, trials: list[Trial]) -> str:
 def ranked(trials: list[Trial], mode: str) -> list[Trial]:
     def key(t: Trial) -> tuple:
         ok = t.value is not None and math.isfinite(t.value)
-        return (not ok, -t.value if ok and mode == "max" else (t.value if ok else 0))
+        value = -t.value if ok and mode == "max" else (t.value if ok else 0)
+        return (not ok, value, t.created)  # a tie: the first to be made, as Optuna picks
 
     return sorted(trials, key=key)
 
@@ -178,7 +181,7 @@ def experiment(best: Trial, metric: str, conf_dir: Path) -> str:
             groups += _experiment_defaults(conf_dir / "experiment" / f"{value}.yaml")
         elif "." not in key and (conf_dir / key).is_dir() and is_identity_key(key):
             groups.append(f"override /{key}: {value}")
-    values = {k: v for k, v in config.items() if is_identity_key(k)}
+    values = _identity_only(config)
     sweep = best.run.parent.absolute()
     head = [
         "# @package _global_",
@@ -191,6 +194,19 @@ def experiment(best: Trial, metric: str, conf_dir: Path) -> str:
     body = {"defaults": [{g.split(": ")[0]: g.split(": ")[1]} for g in groups]} if groups else {}
     body.update(values)
     return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def _identity_only(node: Any, prefix: str = "") -> Any:
+    """The settings that define a trial, nested keys included: where files went
+    (``callbacks.checkpoint.dirpath``, ``data.root``, ``paths``) stay the new run's own."""
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if is_identity_key(dotted):
+            out[key] = _identity_only(value, dotted + ".")
+    return out
 
 
 def _experiment_defaults(path: Path) -> list[str]:
@@ -246,8 +262,11 @@ def plots(trials: list[Trial], keys: list[str], mode: str, metric: str, out: Pat
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, (epochs, values) in curves.items():
-            ax.plot(epochs, values, marker="o", label=name[:40])
-        ax.set_xlabel("epoch")
+            ax.plot([e + 1 for e in epochs], values, marker="o", label=name[:40])
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epochs trained")
         ax.set_ylabel(metric)
         ax.set_title(f"learning curves of the best {len(curves)} trial(s)")
         ax.legend(fontsize=7)

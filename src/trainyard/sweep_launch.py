@@ -52,6 +52,13 @@ def launch(
     from trainyard.errors import Stopped
 
     started = start(launcher, job_overrides, initial_job_idx, adjust)
+    if started.records:
+        where = started.records[0]["log_dir"]
+        print(
+            f"trainyard: follow with trainyard status {where}; trainyard report for a "
+            "sweep's results",
+            flush=True,
+        )
     if wait:
         try:
             while _pending(started, forget_after_s):
@@ -305,9 +312,13 @@ def returns(started: Started) -> list[Any]:
             ret.return_value = reported[str(run.root)].get("value")
             ret.working_dir = str(run.root)
         else:
-            reason = failed.get(index) or (run and run.status()["history"][-1].get("error"))
+            last = run.status()["history"][-1] if run and run.status()["history"] else {}
+            reason = failed.get(index) or last.get("error") or last.get("reason")
             where = str(run.root) if run else " ".join(overrides)
             code = getattr(failed.get(index), "exit_code", 3)  # bad input: 2
+            if index not in failed and last.get("state") in ("preempted", "interrupted"):
+                code = 75  # stopped (cancelled, preempted): resumable, not a failure
+                reason = f"stopped ({reason or last['state']}); launch again to resume it"
             train._failed_trials.append((where, str(reason or "did not complete"), code))
             ret.return_value = float("nan")
         out.append(ret)

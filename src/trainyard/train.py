@@ -31,6 +31,7 @@ from trainyard.errors import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
     ConfigError,
     Stopped,
     TrainyardError,
@@ -96,7 +97,11 @@ def run_prepared(run_dir: str | Path, where: Any = None) -> float | None:
     _, devices = preflight.check_machine(frozen)
     claim = run.claim()
     try:
-        completed = run.state == "completed" and run.result_file.exists()
+        from trainyard.trial import finished, unprune
+
+        completed = finished(run)
+        if not completed:
+            unprune(run)
         return _train(Trial(run, frozen, completed=completed), devices, preempt, where)
     finally:
         claim.release()
@@ -220,6 +225,8 @@ def main() -> None:
         for run_dir, message, code in _failed_trials:
             print(f"  [exit {code}] {run_dir}: {message}", file=sys.stderr)
         codes = {code for _, _, code in _failed_trials}
+        if codes == {EXIT_PREEMPTED}:  # only stopped trials (cancelled): resumable
+            sys.exit(EXIT_PREEMPTED)
         sys.exit(EXIT_CONFIG if codes == {EXIT_CONFIG} else EXIT_FAILED)
 
 

@@ -97,7 +97,7 @@ def completed_twin(run: RunDir, frozen: Callable[[], DictConfig]) -> RunDir | No
     for candidate in _experiment_dirs(run):
         twin = RunDir(candidate)
         try:
-            if twin.state != "completed" or not twin.result_file.exists():
+            if not finished(twin):
                 continue
             origin = read_json(twin.result_file).get("reused_from")
             if origin and RunDir(origin).result_file.exists():
@@ -191,13 +191,14 @@ def _pick_up(run: RunDir, frozen: DictConfig) -> Trial:
             f"(changed: {', '.join(changed)}); it was left untouched",
             fix="name=<new name> to train the new config, or remove the old run directory",
         )
-    if run.state == "completed" and run.result_file.exists():
+    if finished(run):
         origin = read_json(run.result_file).get("reused_from")
         if origin and (Path(origin) / "config.yaml").exists():  # its logs are there
             _say_logger_unchanged(RunDir(origin), load_frozen(Path(origin) / "config.yaml"), frozen)
         else:
             _say_logger_unchanged(run, existing, frozen)
         return Trial(run, existing, completed=True)
+    unprune(run)
     operational = _flat_changes(existing, frozen)
     if operational:
         # where files go, how data is read: today's values apply to the next attempt
@@ -205,6 +206,25 @@ def _pick_up(run: RunDir, frozen: DictConfig) -> Trial:
         save_frozen(frozen, run.config)
         return Trial(run, frozen, completed=False)
     return Trial(run, existing, completed=False)
+
+
+def finished(run: RunDir) -> bool:
+    """Completed, and trained to its end: a trial its sweep pruned stopped early, and is
+    trained on to its end when run again outside the sweep (see :func:`unprune`)."""
+    done = run.state == "completed" and run.result_file.exists()
+    return done and not (run.root / "pruned.json").exists()
+
+
+def unprune(run: RunDir) -> None:
+    """A pruned trial about to be trained again: it goes on from its last.ckpt to its end,
+    no longer its sweep's to stop."""
+    pruned = run.root / "pruned.json"
+    if run.state != "completed" or not pruned.exists():
+        return
+    log.info("%s was pruned by its sweep after epoch %s: training it on to its end",
+             run.root, read_json(pruned).get("epoch"))  # fmt: skip
+    for name in ("pruned.json", "sweep.json"):
+        (run.root / name).unlink(missing_ok=True)
 
 
 def _say_logger_unchanged(run: RunDir, existing: DictConfig, asked: DictConfig) -> None:

@@ -446,7 +446,9 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
     metric = result["value"]  # the best monitored value: the checkpoint that was tested
     if rank == 0:
         write_json(run.result_file, result)
-        run.transition("completed", metric=metric)
+        pruned = run.root / "pruned.json"  # stopped early by its sweep (callbacks/pruning.py)
+        extra = {"pruned_at_epoch": read_json(pruned).get("epoch")} if pruned.exists() else {}
+        run.transition("completed", metric=metric, **extra)
     leave_process_group()
     return metric
 

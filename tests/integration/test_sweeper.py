@@ -65,7 +65,7 @@ def test_a_grid_runs_every_point_once_and_a_relaunch_trains_nothing(tmp_path):
         ("optimizer.lr=interval(0.1,0.001)", "low must be below high"),
         ("optimizer.lr=tag(log,interval(0,0.1))", "reaches zero"),
         ("data.batch_size=range(64,64)", "has no values"),
-        ("optimizer.lrr=interval(0.001,0.1)", "does not compose"),
+        ("optimizer.lrr=interval(0.001,0.1)", "did you mean optimizer.lr"),
         ("monitor=val/nope,val/acc", "not a metric the classifier logs"),
     ],
 )
@@ -163,6 +163,14 @@ def test_poor_trials_are_pruned_at_an_epoch_boundary_and_recorded_so(tmp_path):
         else:
             assert result["epochs"] == 4
     assert "pruned" in out.stdout
+    # run on its own, a pruned trial is not taken for a finished one: it trains to its end
+    pruned = next(r for r in run_dirs(tmp_path) if (r / "pruned.json").exists())
+    lr = json.loads((pruned / "provenance.json").read_text())["overrides"]
+    alone = [o for o in lr if not o.startswith(("sweep=", "hydra."))]
+    out = train_cli(alone, tmp_path)
+    assert out.returncode == 0 and "already completed" not in out.stderr + out.stdout
+    [again] = [r for r in run_dirs(tmp_path) if r.parent.name == "runs"]
+    assert json.loads((again / "result.json").read_text())["epochs"] == 4
 
 
 def test_report_ranks_the_trials_and_writes_a_best_experiment_that_reproduces_it(tmp_path):
@@ -194,6 +202,8 @@ def test_report_ranks_the_trials_and_writes_a_best_experiment_that_reproduces_it
     searchpath = f"hydra.searchpath=[file://{sweep_dir / 'report'}]"
     composed = train_cli([searchpath, "experiment=best", "--cfg", "job", "--resolve"], tmp_path)
     assert composed.returncode == 0, composed.stderr
+    text = (sweep_dir / "report" / "experiment" / "best.yaml").read_text()
+    assert "dirpath" not in text and str(tmp_path / "outputs") not in text.split("\n", 6)[-1]
     best = OmegaConf.load(best_run / "config.yaml")
     assert identity_changes(best, OmegaConf.create(yaml.safe_load(composed.stdout))) == []
     watch = cli(tmp_path, "report", "--watch", "--no-plots", str(sweep_dir))

@@ -89,10 +89,18 @@ class TrainyardOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from trainyard.errors import TrainyardError
+        from trainyard.errors import Stopped, TrainyardError
 
         try:
             return _Search(self, arguments).run()
+        except Stopped as exc:  # the trials in flight stay with their cluster
+            where = self.config.hydra.sweep.dir
+            print(
+                f"trainyard: {exc.message}; launching the same command again continues "
+                f"the study and follows them (trainyard status {where})",
+                file=sys.stderr,
+            )
+            sys.exit(exc.exit_code)
         except TrainyardError as exc:
             print(f"trainyard: {exc.render()}", file=sys.stderr)
             _remove_empty(self.config)
@@ -141,17 +149,27 @@ class _Search:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial: ours
         self._check_composes()
+        sampler = search.sampler(self.s.sampler, self.space, self.s.seed)  # (checks a grid)
+        pruner = search.pruner(self.s.pruner, self.s.min_resource, self.s.reduction_factor)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.sweeper.config, self.sweep_dir / "multirun.yaml")
         storage = Path(self.s.storage or self.sweep_dir / "study.journal").absolute()
         name = self.s.study_name or self.sweep_dir.name
         defined = search.definition(self.space, self.fixed, self.metric, self.direction)
-        sampler = search.sampler(self.s.sampler, self.space, self.s.seed)
-        pruner = search.pruner(self.s.pruner, self.s.min_resource, self.s.reduction_factor)
         with _driving(self.sweep_dir):
             self.study = search.open_study(storage, name, defined, sampler, pruner)
+            if self.study.trials and self.s.seed is not None:
+                # a relaunch: the seeded sampler goes on, rather than drawing its first
+                # points again
+                seed = self.s.seed + len(self.study.trials)
+                self.study.sampler = search.sampler(self.s.sampler, self.space, seed)
             self.storage = storage
             self.budget = self._budget()
+            print(
+                f"trainyard: sweep {self.sweep_dir} ({len(self.study.trials)} trial(s) in "
+                f"its study; launching the same command again continues it)",
+                flush=True,
+            )
             if self.s.sampler == "grid" and not self.study.trials:
                 # the grid in the order it was written, as Hydra's basic sweeper walks it
                 for point in itertools.product(*search.grid(self.space).values()):
@@ -185,9 +203,10 @@ class _Search:
         except ConfigError:
             raise
         except Exception as exc:
+            hint = _did_you_mean(self.sweeper.config, [*self.space, *self.fixed])
             raise ConfigError(
                 f"the search space does not compose ({type(exc).__name__}: {exc})",
-                fix="check the swept keys against the config (trainyard-train --cfg job)",
+                fix=hint or "check the swept keys against the config (trainyard-train --cfg job)",
             ) from None
         finally:
             HydraConfig.instance().set_config(self.sweeper.config)
@@ -376,6 +395,34 @@ class _Search:
                    "trials": len(self.study.trials)}  # fmt: skip
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         print(f"best: trial {best.number} {self.metric}={best.value:.6g} {best.params}")
+
+
+def _did_you_mean(config: Any, keys: list[str]) -> str | None:
+    """For a swept key the config lacks, the nearest keys it has (Hydra's own advice is to
+    add the misspelt key with +)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    known: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            known.append(prefix + str(key))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    data = OmegaConf.to_container(config, resolve=False)
+    data.pop("hydra", None)
+    walk(data, "")
+    for item in keys:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key in known or "/" in key:
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        if close:
+            return f"{key} is not in the config; did you mean {' or '.join(close)}?"
+    return None
 
 
 def _remove_empty(config: Any) -> None:

@@ -118,6 +118,8 @@ class RayBackend(Backend):
             argv += ["--max-concurrent", str(int(cluster["max_concurrent"]))]
         env = {str(k): str(v) for k, v in (cluster.get("env") or {}).items()}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's lines in the job's logs
+        env.setdefault("RAY_COLOR_PREFIX", "0")  # plain text for `trainyard logs`
         # how long a stopped job's driver has before Ray kills it (its supervisor reads the
         # job's environment): time for every trial to checkpoint; Ray's default is 3 s
         env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(int(cluster.get("grace_period_s", 60))))
@@ -192,7 +194,9 @@ class RayBackend(Backend):
 
 
 _REACH = (
-    "start a local head with `bash cluster/ray/ray.sh start`, or point cluster.address "
+    "start a local head with `bash cluster/ray/ray.sh start` (from a checkout; else `ray "
+    "start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1`), or point "
+    "cluster.address "
     "(or RAY_API_SERVER_ADDRESS) at the head's Jobs API, http://<head>:8265 (inside a Ray "
     "job, RAY_ADDRESS names the cluster's own port instead)"
 )

@@ -46,10 +46,16 @@ answers() {
 	# up when the Jobs API (what trainyard talks to) lists jobs and a node is alive (the
 	# dashboard outlives a head whose other processes died)
 	python3 - "$DASH_PORT" <<'PY' >/dev/null 2>&1
-import json, sys, urllib.request
+import json, os, pathlib, sys, urllib.request
 base = f"http://127.0.0.1:{sys.argv[1]}"
-urllib.request.urlopen(f"{base}/api/jobs/", timeout=2).read()
-nodes = json.loads(urllib.request.urlopen(f"{base}/api/v0/nodes", timeout=5).read())
+# a head started where a Ray auth token exists requires it (Ray 2.60's token auth)
+path = os.environ.get("RAY_AUTH_TOKEN_PATH") or pathlib.Path.home() / ".ray" / "auth_token"
+token = os.environ.get("RAY_AUTH_TOKEN") or (
+    pathlib.Path(path).read_text().strip() if pathlib.Path(path).is_file() else "")
+headers = {"Authorization": f"Bearer {token}"} if token else {}
+get = lambda url: urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5).read()
+get(f"{base}/api/jobs/")
+nodes = json.loads(get(f"{base}/api/v0/nodes"))
 assert any(n["state"] == "ALIVE" for n in nodes["data"]["result"]["result"])
 PY
 }

@@ -77,3 +77,16 @@ def test_infeasible_names_what_a_trial_needs_and_the_largest_node():
     problem = infeasible(nodes, 4, 4)
     assert "4 GPU(s)" in problem and "16 CPU(s) and 2 GPU(s)" in problem
     assert infeasible([], 1, 0) is not None
+
+
+def test_a_ray_auth_token_at_hand_is_sent(tmp_path, monkeypatch):
+    from trainyard.backends.ray import auth_headers
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
+    assert auth_headers() == {}
+    (tmp_path / "token").write_text("abc123\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert auth_headers() == {"Authorization": "Bearer abc123"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_headers() == {"Authorization": "Bearer from-env"}

@@ -137,7 +137,8 @@ class RayBackend(Backend):
         from trainyard.backends.ray_driver import infeasible
 
         nodes = _nodes(request.address)
-        problem = infeasible([n.resources_total for n in nodes], request.cpus, request.gpus)
+        totals = [n.get("resources_total") or {} for n in nodes]
+        problem = infeasible(totals, request.cpus, request.gpus)
         if problem:
             raise ConfigError(
                 f"the Ray cluster at {request.address} cannot hold a trial: {problem}",
@@ -218,23 +219,40 @@ def split_job_id(text: str) -> tuple[str, str]:
     return submission, where if "://" in where else f"http://{where}"
 
 
+def auth_headers() -> dict[str, str]:
+    """The cluster's auth token, for a head that requires one (Ray 2.60's token auth, on by
+    default where ~/.ray/auth_token exists): Ray's own clients send it only when
+    RAY_AUTH_MODE=token was set before ray was imported. A head without auth ignores it."""
+    import os
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _client(address: str) -> Any:
     if address not in _clients:
         from ray.job_submission import JobSubmissionClient
 
         try:
-            _clients[address] = JobSubmissionClient(address)
+            _clients[address] = JobSubmissionClient(address, headers=auth_headers())
         except (ConnectionError, RuntimeError) as exc:
             raise NoCluster(f"no Ray head answers at {address} ({exc})", fix=_REACH) from None
     return _clients[address]
 
 
-def _nodes(address: str) -> list[Any]:
-    from ray.util.state import list_nodes
+def _nodes(address: str) -> list[dict[str, Any]]:
+    """The head's live nodes with their total resources (the state API, as ``ray list
+    nodes`` reads it)."""
+    import requests
 
     _client(address)  # NoCluster, with the fix, when nothing answers
     try:
-        nodes = list_nodes(address=address, detail=True, timeout=10)
-    except Exception as exc:  # the state API raises its own types, all worth the same words
+        response = requests.get(f"{address}/api/v0/nodes", headers=auth_headers(), timeout=10)
+        response.raise_for_status()
+        nodes = response.json()["data"]["result"]["result"]
+    except Exception as exc:  # requests' and the payload's errors are worth the same words
         raise NoCluster(f"the Ray head at {address} did not list its nodes: {exc}") from None
-    return [n for n in nodes if n.state == "ALIVE"]
+    return [n for n in nodes if n.get("state") == "ALIVE"]

@@ -133,11 +133,16 @@ class Composer:
         return hydra_compose("train", overrides=list(overrides))
 
     def _is_group(self, override) -> bool:
-        """As Hydra splits them (``defaults_list.Overrides``): a group unless a dict."""
-        key = override.key_or_group
-        if key not in self._groups:
-            self._groups[key] = self._repo.group_exists(key)
-        return self._groups[key] and not isinstance(override.value(), dict)
+        return is_group_choice(override, self._repo, self._groups)
+
+
+def is_group_choice(override: Any, repository: Any, known: dict[str, bool]) -> bool:
+    """As Hydra splits overrides (``defaults_list.Overrides``): a config group's choice
+    unless its value is a dict. ``known`` caches the repository's answers by key."""
+    key = override.key_or_group
+    if key not in known:
+        known[key] = repository.group_exists(key)
+    return known[key] and not isinstance(override.value(), dict)
 
 
 @contextlib.contextmanager

@@ -198,11 +198,9 @@ class Compositions:
         return cfg
 
     def _is_group(self, override: Any) -> bool:
-        """As Hydra splits them: a config group's choice unless the value is a dict."""
-        key = override.key_or_group
-        if key not in self._groups:
-            self._groups[key] = self.loader.repository.group_exists(key)
-        return self._groups[key] and not isinstance(override.value(), dict)
+        from trainyard.compose import is_group_choice
+
+        return is_group_choice(override, self.loader.repository, self._groups)
 
 
 def _compositions(launcher: Any) -> Compositions:

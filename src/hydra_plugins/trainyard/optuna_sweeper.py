@@ -224,8 +224,9 @@ class _Search:
                         and hasattr(self.sweeper.launcher, "start"))  # fmt: skip
         while True:
             room = self.s.n_jobs - len(self.in_flight)
-            batch = []
-            while room > 0 and (relaunch or self._ended() + len(self.in_flight) + len(batch)
+            batch: list[_Flight] = []
+            ended = self._ended()  # one read of the study per round, not per trial asked
+            while room > 0 and (relaunch or ended + len(self.in_flight) + len(batch)
                                 < self.budget):  # fmt: skip
                 batch.append(self._flight(relaunch.pop(0) if relaunch else None))
                 room -= 1

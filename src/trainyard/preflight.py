@@ -145,7 +145,7 @@ def visible_gpus() -> int:
 
 def resolve_devices(cfg: DictConfig) -> tuple[str, int]:
     """Concrete (accelerator, devices per node), checked against this machine."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    accelerator = given = str(cfg.trainer.get("accelerator", "cpu"))
     devices: Any = cfg.trainer.get("devices", 1)
     if accelerator == "auto":
         accelerator = "gpu" if visible_gpus() else "cpu"
@@ -173,9 +173,11 @@ def resolve_devices(cfg: DictConfig) -> tuple[str, int]:
         )
     if devices > available and not launched_externally():
         unit = "GPUs" if accelerator == "gpu" else "CPU cores"
+        chose = " (trainer.accelerator=auto chose the GPUs)" if given == "auto" else ""
+        on_cpu = ", or trainer.accelerator=cpu for CPU processes" if chose else ""
         raise ConfigError(
-            f"trainer.devices={devices} but this machine has {available} {unit}",
-            fix=f"trainer.devices={available} or fewer, or submit to a cluster",
+            f"trainer.devices={devices} but this machine has {available} {unit}{chose}",
+            fix=f"trainer.devices={available} or fewer{on_cpu}, or submit to a cluster",
         )
     if accelerator == "cpu" and str(cfg.trainer.get("precision")) not in _CPU_PRECISIONS:
         raise ConfigError(

@@ -383,6 +383,9 @@ def _run_rank(cfg: DictConfig, run: RunDir, rank: int) -> float | None:
     from trainyard import preflight
 
     accelerator, devices = preflight.check_machine(cfg)
+    # what this rank trains on, and the GPUs its scheduler left it (null: not restricted)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    run.write_rank_info(rank, accelerator=accelerator, cuda_visible_devices=visible)
     apply_dist_environment(cfg)
     # ranks a scheduler started directly (srun): rank 0 becomes the one trainer of the trial
     claim = run.claim() if rank == 0 and os.environ.get("TRAINYARD_CLAIMED") != "1" else None

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import cli, run_dirs
+from tests.helpers.gpus import pretend_gpus
 
 pytestmark = pytest.mark.slow
 
@@ -231,5 +232,58 @@ def test_ctrl_c_on_a_sweep_says_where_its_trials_went(tmp_path):
 def test_gpu_pods_are_refused_where_they_would_run_on_this_machine(tmp_path):
     out = _cli(tmp_path, "submit", "cluster=k8s_local", "trainer=ddp", "trainer.accelerator=gpu",
                "trainer.devices=64")  # fmt: skip
-    assert out.returncode == 2 and "GPU(s); each pod asks for 64" in out.stderr
+    assert out.returncode == 2 and "GPU(s); 1 pod(s) at once ask for 64 each" in out.stderr
     assert "cluster=k8s to send the Jobs to a cluster" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("trainer", "visible"),
+    [
+        (["trainer.accelerator=gpu"], ["3", "5"]),  # the device plugin: a GPU each, its own
+        ([], ["", ""]),  # CPU pods (NVIDIA_VISIBLE_DEVICES=void): none, on a GPU machine too
+    ],
+    ids=["gpu-pods", "cpu-pods"],
+)
+def test_each_local_pod_sees_the_gpus_it_asked_for_and_no_others(tmp_path, trainer, visible):
+    """The runner's GPU share, seen by the pods of a rendered 2-node Job whose command is
+    replaced with one that reports CUDA_VISIBLE_DEVICES (no GPU is needed to check it)."""
+    dry = _cli(tmp_path, "submit", "--dry-run", "cluster=k8s", "cluster.image=trainyard:test",
+               "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", *trainer,
+               env={"KUBECONFIG": str(tmp_path / "none")})  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    objects = [d for d in yaml.safe_load_all(dry.stdout) if d]
+    job = next(o for o in objects if o["kind"] == "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["args"] = [
+        "python", "-c", "import os; print('visible=' + os.environ['CUDA_VISIBLE_DEVICES'])"
+    ]  # fmt: skip
+    spec = tmp_path / "runner" / "request.yaml"
+    spec.parent.mkdir()
+    spec.write_text(yaml.safe_dump({"submission": "s", "trials": [{"objects": objects}]}))
+    runner = subprocess.run(
+        [sys.executable, "-m", "trainyard.backends.k8s_local", str(spec)],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert runner.returncode == 0, runner.stderr
+    name = job["metadata"]["name"]
+    seen = [(spec.parent / f"{name}-{i}.log").read_text().split("visible=")[1].strip()
+            for i in (0, 1)]  # fmt: skip
+    assert seen == visible
+
+
+def test_cpu_pods_on_a_gpu_machine_see_no_gpu_and_train_on_cpu(tmp_path):
+    # trainer.accelerator stays auto: the pods ask for no GPU, so there is none to choose
+    out = _cli(tmp_path, "submit", *TWO_NODES, "trainer.max_epochs=1", env=pretend_gpus(1))
+    assert out.returncode == 0, out.stderr
+    run = _wait(lambda: run_dirs(tmp_path) and run_dirs(tmp_path)[0])
+    state = _wait(lambda: _runner_state(run).get("trials") != ["RUNNING"] and _runner_state(run))
+    assert state["trials"] == ["COMPLETED"], _cli(tmp_path, "logs", str(run)).stdout
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["accelerator"], r["cuda_visible_devices"]) for r in ranks] == [("cpu", "")] * 2
+
+
+def test_local_gpu_pods_that_would_share_this_machines_gpus_are_refused(tmp_path):
+    out = _cli(tmp_path, "submit", *TWO_NODES, "trainer.accelerator=gpu",
+               env={"CUDA_VISIBLE_DEVICES": "0"})  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "which has 1 GPU(s); 2 pod(s) at once ask for 1 each" in out.stderr
+    assert not run_dirs(tmp_path)  # refused before anything was written

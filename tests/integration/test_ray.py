@@ -89,6 +89,8 @@ def test_a_two_rank_ddp_trial_runs_its_ranks_in_one_task(ray_head, tmp_path):
     for run in run_dirs(tmp_path):
         ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0]["pid"] != ranks[1]["pid"]
+        # a task Ray gave no GPU sees none, where the node has some too
+        assert [(r["accelerator"], r["cuda_visible_devices"]) for r in ranks] == [("cpu", "")] * 2
         assert (run / "result.json").exists()
 
 

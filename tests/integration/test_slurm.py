@@ -69,6 +69,18 @@ def test_rendered_script_matches_the_golden_file(name, cluster):
     assert "'/scratch/o'\"'\"'brien/sweep $(x)/.submitit/%j'" in command
 
 
+def test_only_jobs_that_asked_for_gpus_may_see_them():
+    hide = 'export CUDA_VISIBLE_DEVICES=""'
+    [cpu] = SlurmBackend().render(_job([Path("/o/t")]))
+    assert hide in cpu.script.split("\n# command\n")[0]  # set up before srun starts the ranks
+    gpu_job = _job([Path("/o/t")])
+    gpu_job.resources = Resources(nodes=2, tasks_per_node=2, gpus_per_node=2)
+    [gpu] = SlurmBackend().render(gpu_job)
+    [gres] = SlurmBackend().render(_job([Path("/o/t")], additional_parameters={"gres": "gpu:2"}))
+    assert hide not in gpu.script and hide not in gres.script
+    assert "#SBATCH --gpus-per-node=2" in gpu.script and "#SBATCH --gres=gpu:2" in gres.script
+
+
 def test_a_sweep_larger_than_max_array_size_goes_out_as_several_arrays():
     trials = [Path(f"/o/t{i}") for i in range(2500)]
     chunks = split(trials, 1001)
@@ -155,6 +167,7 @@ def test_a_sweep_of_two_node_ddp_jobs_runs_as_one_array(tmp_path):
     for row in rows:
         ranks = _ranks(row["run"])
         assert {r["host"] for r in ranks} == {"n1", "n2"}  # one rank per node
+        assert {r["cuda_visible_devices"] for r in ranks} == {""}  # asked for no GPU: sees none
         assert ranks[0]["weights"] == ranks[1]["weights"]
         frozen = (Path(row["run"]) / "config.yaml").read_bytes()
         assert {r["config_sha256"] for r in ranks} == {_sha(frozen)}

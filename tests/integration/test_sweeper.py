@@ -224,8 +224,9 @@ def test_a_point_the_sampler_proposes_again_is_a_trial_of_the_budget(tmp_path):
 
 
 def test_a_trial_refused_for_bad_input_is_not_run_again_and_the_sweep_says_so(tmp_path):
-    # 4 ranks on a 2-core machine: refused where the ranks would start (bad input, exit 2)
-    args = ["-m", "sweep=grid", "trainer=ddp", "trainer.devices=1,64", *TINY]
+    # 64 CPU ranks on one machine: refused where the ranks would start (bad input, exit 2)
+    args = ["-m", "sweep=grid", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1,64",
+            *TINY]  # fmt: skip
     out = train_cli(args, tmp_path)
     assert out.returncode == EXIT_CONFIG, out.stdout[-2000:] + out.stderr[-2000:]
     assert "failed" in out.stdout and "run again" not in out.stdout

@@ -379,6 +379,25 @@ def test_cpu_ranks_get_a_core_each_and_gpus_their_resource_and_taint(tmp_path, m
     assert [t["key"] for t in pod["spec"]["tolerations"]] == ["amd.com/gpu"]
 
 
+def test_pods_use_only_the_gpus_they_ask_for(rendered):
+    """A GPU node's default NVIDIA runtime shows a pod every GPU of the node unless told
+    otherwise: a CPU pod (trainer.accelerator auto, say) would take GPUs given to others."""
+    docs, _, gpus, _ = rendered
+    _, pod = _job_and_pod(docs)
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    if gpus:  # the device plugin's to set
+        assert "NVIDIA_VISIBLE_DEVICES" not in env
+    else:
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_a_users_env_value_replaces_the_templates(tmp_path, monkeypatch, capsys):
+    docs = dry_run(tmp_path, monkeypatch, capsys, "+cluster.env.NVIDIA_VISIBLE_DEVICES=all")
+    _, pod = _job_and_pod(docs)
+    env = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "NVIDIA_VISIBLE_DEVICES"]
+    assert env == [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]
+
+
 def test_each_job_names_its_run_directory(tmp_path, monkeypatch, capsys):
     docs = dry_run(tmp_path, monkeypatch, capsys, "optimizer.lr=0.02")
     annotation = docs[-1]["metadata"]["annotations"][manifests.ANNOTATION_TRIAL]

@@ -16,7 +16,10 @@ What cannot be the same on one machine, and is translated (each logged once):
   args or env under a mount is taken to the folder mounted there;
 - the network: pods share this machine's loopback, so the Service's DNS name for pod 0
   (``<job>-0.<service>``) is 127.0.0.1 and each Job gets a free port instead of 29500;
-- the image: its ``python`` and console scripts (``trainyard-pod``) are this Python.
+- the image: its ``python`` and console scripts (``trainyard-pod``) are this Python;
+- GPUs: as the device plugin does, each pod is given the GPUs its ``nvidia.com/gpu``
+  limit asks for, its own ones of this machine's (``CUDA_VISIBLE_DEVICES``), and a pod
+  that asks for none sees none (what ``NVIDIA_VISIBLE_DEVICES=void`` makes the runtime do).
 """
 
 from __future__ import annotations
@@ -40,12 +43,30 @@ _SCRIPTS = {"trainyard-pod": ["-m", "trainyard.backends.k8s_pod"], "python": []}
 _POLL_S = 0.2
 
 
+def host_gpus() -> list[str]:
+    """This machine's GPUs that pods may be given: those ``CUDA_VISIBLE_DEVICES`` lists
+    where it is set, else every one the driver has (torch-free: submit stays fast)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    driver = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
+
+
+def pod_gpus(pod_spec: dict) -> int:
+    """GPUs a pod's trainer container asks for: extended resources are limits, and
+    ``cluster.gpu_resource`` names them <vendor>/gpu."""
+    limits = pod_spec["containers"][0].get("resources", {}).get("limits", {})
+    return sum(int(v) for k, v in limits.items() if k.endswith("/gpu"))
+
+
 class Runner:
     def __init__(self, spec_file: Path) -> None:
         self.spec = yaml.safe_load(spec_file.read_text())
         self.folder = spec_file.parent
         self.stopping = False
         self.trial = 0  # the index of the trial whose Job runs now
+        self.gpus = host_gpus()
         self.pods: dict[str, subprocess.Popen] = {}
         self.state: dict[str, Any] = {
             "pid": os.getpid(),
@@ -150,6 +171,8 @@ class Runner:
         own = {k: _translate(v, {**mounts, container["terminationMessagePath"]: str(message)})
                for k, v in env.items()}  # fmt: skip
         pod_env = {**os.environ, **own, "JOB_COMPLETION_INDEX": str(index), "HOSTNAME": pod}
+        gpus = pod_gpus(pod_spec)  # pod i: its own slice of the machine's GPUs, or none
+        pod_env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[index * gpus : (index + 1) * gpus])
         attempts[index] += 1
         log = self.folder / f"{pod}.log"
         with open(log, "a") as out:

@@ -326,7 +326,11 @@ def _container_env(container: dict, cluster: dict, master: str) -> None:
                 f"kubectl create secret generic <name> --from-literal={name}=...; then "
                 "cluster.secrets=[<name>] (its keys become environment variables)",
             )  # fmt: skip
-        env.append({"name": str(name), "value": str(value)})
+        given = next((e for e in env if e["name"] == str(name)), None)
+        if given is None:
+            env.append({"name": str(name), "value": str(value)})
+        else:  # one entry per name: the user's value replaces the template's
+            given["value"] = str(value)
     secrets = cluster.get("secrets") or []
     if secrets:
         container["envFrom"] = [

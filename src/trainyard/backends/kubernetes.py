@@ -209,10 +209,13 @@ def _check_here(cluster: dict[str, Any], resources: Any) -> None:
             f"this machine's paths.root_dir, not cluster.root_dir={cluster['root_dir']}",
             fix="cluster.root_dir=null (cluster=k8s_local sets both)",
         )
-    if resources.gpus_per_node and _gpus_here() < resources.gpus_per_node:
+    from trainyard.backends.k8s_local import host_gpus
+
+    wanted = resources.nodes * resources.gpus_per_node  # a Job's pods run all at once
+    if wanted and len(here := host_gpus()) < wanted:
         raise ConfigError(
-            f"cluster=k8s_local runs the pods on this machine, which has {_gpus_here()} "
-            f"GPU(s); each pod asks for {resources.gpus_per_node}",
+            f"cluster=k8s_local runs the pods on this machine, which has {len(here)} "
+            f"GPU(s); {resources.nodes} pod(s) at once ask for {resources.gpus_per_node} each",
             fix="trainer.accelerator=cpu here, or cluster=k8s to send the Jobs to a cluster",
         )
 
@@ -254,12 +257,6 @@ def _default_namespace(local: bool) -> str:
         return str((active or {}).get("context", {}).get("namespace") or "default")
     except Exception:  # no kubeconfig (or a broken one): submit says so when it connects
         return in_cluster.read_text().strip() if in_cluster.exists() else "default"
-
-
-def _gpus_here() -> int:
-    """GPUs of this machine, from the driver (torch-free: submit stays fast)."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
 def _shape(doc: dict[str, Any], names: tuple[str, str], text: str, index: int) -> str:

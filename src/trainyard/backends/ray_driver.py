@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     options = {"num_cpus": args.cpus, "num_gpus": args.gpus, "max_retries": args.max_retries,
                "retry_exceptions": False}  # fmt: skip
+    if not args.gpus:
+        # a task given no GPUs must use none: Ray leaves CUDA_VISIBLE_DEVICES alone for
+        # such tasks, and `accelerator: auto` would take GPUs Ray gave to other trials
+        options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
     # a GPU trial gets a fresh worker: a reused one would keep the last trial's CUDA
     # context and memory, on the GPU Ray gave that trial (Ray's own default for GPU tasks,
     # which it applies only to functions declared with num_gpus)

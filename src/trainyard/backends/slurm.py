@@ -122,9 +122,22 @@ PORT_SETUP = [
 ]
 
 
+# a job that asked for no GPUs uses none: where the nodes' cgroups do not confine devices
+# (ConstrainDevices=no), its tasks see every GPU of the node, and `accelerator: auto` would
+# take GPUs that Slurm gave to other jobs (Slurm sets the variable only for GPU jobs)
+HIDE_GPUS = ['export CUDA_VISIBLE_DEVICES=""']
+
+
+def _asks_for_gpus(job: Job) -> bool:
+    extra = job.cluster.get("additional_parameters") or {}
+    named = any("gpu" in str(key) or "gres" in str(key) for key in extra)  # e.g. gres: gpu:4
+    return bool(job.resources.gpus_per_node) or named
+
+
 def executor_params(job: Job, count: int) -> dict[str, Any]:
     """submitit ``SlurmExecutor`` parameters (sbatch's names) for ``count`` trials."""
     c, r = job.cluster, job.resources
+    hide = [] if _asks_for_gpus(job) else HIDE_GPUS
     params: dict[str, Any] = {
         "job_name": f"trainyard-{job.name}",
         "nodes": r.nodes,
@@ -132,7 +145,7 @@ def executor_params(job: Job, count: int) -> dict[str, Any]:
         "cpus_per_task": r.cpus_per_task,
         "time": int(_setting(c, "time_min", 60)),
         "signal_delay_s": int(_setting(c, "signal_delay_s", 90)),
-        "setup": [*(str(line) for line in c.get("setup") or []), *PORT_SETUP],
+        "setup": [*(str(line) for line in c.get("setup") or []), *hide, *PORT_SETUP],
         "srun_args": ["--kill-on-bad-exit=1", *_container_srun_args(c)],
         "wckey": None,  # submitit would tag every job "submitit"
         "array_parallelism": int(_setting(c, "array_parallelism", count)),

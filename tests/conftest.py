@@ -20,6 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 resolvers.register()
 
 
+def pytest_configure(config):
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if os.environ.get("TRAINYARD_PRETEND_GPUS") and not all(os.path.isabs(p) for p in path):
+        # the tests start processes in temporary directories, where a relative entry is
+        # lost: most of the run would pretend nothing and pass as on a CPU machine
+        raise pytest.UsageError("TRAINYARD_PRETEND_GPUS: give PYTHONPATH as absolute paths "
+                                "(PYTHONPATH=$PWD/tests/helpers/pretend_gpus)")  # fmt: skip
+
+
 def compose_cfg(tmp_path: Path, overrides: list[str] = ()):
     """Compose conf/train.yaml as trainyard-train would, with paths inside tmp_path."""
     GlobalHydra.instance().clear()

@@ -173,7 +173,8 @@ def resolve_devices(cfg: DictConfig) -> tuple[str, int]:
         )
     if devices > available and not launched_externally():
         unit = "GPUs" if accelerator == "gpu" else "CPU cores"
-        chose = " (trainer.accelerator=auto chose the GPUs)" if given == "auto" else ""
+        auto = given == "auto" and accelerator == "gpu"
+        chose = " (trainer.accelerator=auto chose the GPUs)" if auto else ""
         on_cpu = ", or trainer.accelerator=cpu for CPU processes" if chose else ""
         raise ConfigError(
             f"trainer.devices={devices} but this machine has {available} {unit}{chose}",

@@ -360,6 +360,13 @@ def apply_dist_environment(cfg: DictConfig) -> None:
         dist.set_debug_level_from_env()
 
 
+def _process_group_backend() -> str | None:
+    """The collectives' backend this rank used (gloo, nccl); None when it trained alone."""
+    import torch.distributed as dist
+
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
+
+
 def run_rank(config_path: str) -> float | None:
     """Train one trial on this rank; rank 0 records status and result. Returns the metric.
 
@@ -434,6 +441,7 @@ def _fit_and_test(cfg, run: RunDir, rank: int, accelerator: str, devices: int):
         global_step=trainer.global_step,
         weights=weights_digest(task),
         full_state=state_digest(task),
+        backend=_process_group_backend(),
     )
     fit_metrics = _metrics(trainer)
     from trainyard.callbacks.resume import agreed_stop

@@ -70,15 +70,23 @@ def test_rendered_script_matches_the_golden_file(name, cluster):
 
 
 def test_only_jobs_that_asked_for_gpus_may_see_them():
-    hide = 'export CUDA_VISIBLE_DEVICES=""'
-    [cpu] = SlurmBackend().render(_job([Path("/o/t")]))
-    assert hide in cpu.script.split("\n# command\n")[0]  # set up before srun starts the ranks
-    gpu_job = _job([Path("/o/t")])
-    gpu_job.resources = Resources(nodes=2, tasks_per_node=2, gpus_per_node=2)
-    [gpu] = SlurmBackend().render(gpu_job)
-    [gres] = SlurmBackend().render(_job([Path("/o/t")], additional_parameters={"gres": "gpu:2"}))
-    assert hide not in gpu.script and hide not in gres.script
-    assert "#SBATCH --gpus-per-node=2" in gpu.script and "#SBATCH --gres=gpu:2" in gres.script
+    def render(gpus_per_node=0, **cluster):
+        job = _job([Path("/o/t")], **cluster)
+        job.resources = Resources(nodes=2, tasks_per_node=2, gpus_per_node=gpus_per_node)
+        setup, command = SlurmBackend().render(job)[0].script.split("\n# command\n")
+        return setup, command
+
+    # slurmstepd unsets CUDA_VISIBLE_DEVICES in GPU-less steps: the task's command sets it
+    setup, command = render(additional_parameters={"gres": "nvme:1"})  # not a GPU
+    assert "srun " in command and " env CUDA_VISIBLE_DEVICES= python3 -u" in command
+    assert setup.index("NVIDIA_VISIBLE_DEVICES=void") < setup.index("OMP_NUM_THREADS")
+    for asked in ({"gpus_per_node": 2}, {"additional_parameters": {"gres": "gpu:2"}},
+                  {"additional_parameters": {"tres_per_task": "gres/gpu:1"}}):  # fmt: skip
+        setup, command = render(**asked)
+        assert "CUDA_VISIBLE_DEVICES" not in command and "NVIDIA_VISIBLE_DEVICES" not in setup
+    sif = {"engine": "apptainer", "image": "/images/t.sif"}
+    assert "apptainer exec --nv" not in render(container=sif)[1]  # no driver bound in
+    assert "apptainer exec --nv" in render(gpus_per_node=1, container=sif)[1]
 
 
 def test_a_sweep_larger_than_max_array_size_goes_out_as_several_arrays():

@@ -392,10 +392,19 @@ def test_pods_use_only_the_gpus_they_ask_for(rendered):
 
 
 def test_a_users_env_value_replaces_the_templates(tmp_path, monkeypatch, capsys):
-    docs = dry_run(tmp_path, monkeypatch, capsys, "+cluster.env.NVIDIA_VISIBLE_DEVICES=all")
+    docs = dry_run(tmp_path, monkeypatch, capsys, "+cluster.env.XDG_CACHE_HOME=/work/cache")
     _, pod = _job_and_pod(docs)
-    env = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "NVIDIA_VISIBLE_DEVICES"]
-    assert env == [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]
+    env = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "XDG_CACHE_HOME"]
+    assert env == [{"name": "XDG_CACHE_HOME", "value": "/work/cache"}]
+
+
+@pytest.mark.parametrize("name", ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"])
+def test_the_gpus_a_pod_sees_cannot_be_set_apart_from_what_it_asks_for(
+    tmp_path, monkeypatch, capsys, name
+):
+    with pytest.raises(ConfigError, match=f"env.{name}") as refused:
+        dry_run(tmp_path, monkeypatch, capsys, "trainer=gpu", f"+cluster.env.{name}=all")
+    assert "trainer.devices" in refused.value.fix
 
 
 def test_each_job_names_its_run_directory(tmp_path, monkeypatch, capsys):
@@ -558,3 +567,14 @@ def test_a_misspelt_ray_field_fails_against_the_crd():
     job["spec"]["shutdownAfterJobFinish"] = True  # the CRD has shutdownAfterJobFinishes
     with pytest.raises(SchemaError, match="shutdownAfterJobFinish"):
         validate(job, "1.30")
+
+
+@pytest.mark.parametrize(
+    ("listed", "gpus"),
+    [("3,5", ["3", "5"]), ("0,-1,1", ["0"]), ("GPU-a1,GPU-b2", ["GPU-a1", "GPU-b2"]), ("", [])],
+)
+def test_local_pods_share_out_the_gpus_cuda_would_see(monkeypatch, listed, gpus):
+    from trainyard.backends.k8s_local import host_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert host_gpus() == gpus

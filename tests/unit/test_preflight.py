@@ -57,6 +57,14 @@ def test_more_devices_than_the_machine_has(cfg_factory):
     assert f"trainer.devices={cores}" in info.value.fix
 
 
+@pytest.mark.skipif(preflight.visible_gpus() > 0, reason="a GPU is visible: auto chooses it")
+def test_auto_that_chose_cpu_processes_does_not_speak_of_gpus(cfg_factory):
+    with pytest.raises(ConfigError) as info:
+        check(cfg_factory, "trainer=ddp", f"trainer.devices={os.cpu_count() + 1}")
+    assert info.value.message.endswith(f"this machine has {os.cpu_count()} CPU cores")
+    assert "accelerator" not in info.value.fix  # tests/integration/test_gpu_machine.py: GPUs
+
+
 # Where a GPU is visible the request is valid, so the error under test cannot arise.
 @pytest.mark.skipif(preflight.visible_gpus() > 0, reason="a GPU is visible: nothing to refuse")
 def test_gpu_requested_on_a_machine_without_one(cfg_factory):

@@ -47,17 +47,22 @@ def host_gpus() -> list[str]:
     """This machine's GPUs that pods may be given: those ``CUDA_VISIBLE_DEVICES`` lists
     where it is set, else every one the driver has (torch-free: submit stays fast)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [d.strip() for d in listed.split(",") if d.strip()]
+    if listed is not None:  # as CUDA reads it: up to the first entry that names no device
+        gpus = []
+        for entry in (e.strip() for e in listed.split(",")):
+            if not entry or entry.startswith("-") or entry == "NoDevFiles":
+                break
+            gpus.append(entry)
+        return gpus
     driver = Path("/proc/driver/nvidia/gpus")
     return [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
 
 
 def pod_gpus(pod_spec: dict) -> int:
-    """GPUs a pod's trainer container asks for: extended resources are limits, and
-    ``cluster.gpu_resource`` names them <vendor>/gpu."""
+    """GPUs a pod's first container asks for: extended resources are limits, named as
+    ``cluster.gpu_resource`` says (nvidia.com/gpu, amd.com/gpu, nvidia.com/mig-1g.10gb...)."""
     limits = pod_spec["containers"][0].get("resources", {}).get("limits", {})
-    return sum(int(v) for k, v in limits.items() if k.endswith("/gpu"))
+    return sum(int(v) for k, v in limits.items() if "gpu" in k or "/mig-" in k)
 
 
 class Runner:

@@ -310,6 +310,9 @@ def _gpu_patch() -> dict[str, Any]:
     return yaml.safe_load((_k8s_dir() / "overlays" / "gpu" / "gpu.yaml").read_text())
 
 
+_DEVICE_VARIABLES = ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+
+
 def _container_env(container: dict, cluster: dict, master: str) -> None:
     env = container["env"]
     next(e for e in env if e["name"] == "MASTER_ADDR")["value"] = master
@@ -317,6 +320,10 @@ def _container_env(container: dict, cluster: dict, master: str) -> None:
         if not _ENV_NAME.match(str(name)):
             raise refuse(f"env.{name}", value, "not an environment variable name",
                          "cluster.env.<NAME>=<value>")  # fmt: skip
+        if str(name) in _DEVICE_VARIABLES:
+            raise refuse(f"env.{name}", value, "the GPUs a pod sees are the ones it asks for "
+                         "(kubelet puts the pod's env after the device plugin's)",
+                         "trainer.accelerator=gpu trainer.devices=<GPUs per pod>")  # fmt: skip
         if _CREDENTIAL.search(str(name)) or _URL_PASSWORD.search(str(value)):
             raise refuse(
                 f"env.{name}", "<hidden>",

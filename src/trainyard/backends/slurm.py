@@ -122,22 +122,26 @@ PORT_SETUP = [
 ]
 
 
-# a job that asked for no GPUs uses none: where the nodes' cgroups do not confine devices
-# (ConstrainDevices=no), its tasks see every GPU of the node, and `accelerator: auto` would
-# take GPUs that Slurm gave to other jobs (Slurm sets the variable only for GPU jobs)
-HIDE_GPUS = ['export CUDA_VISIBLE_DEVICES=""']
+# A job that asked for no GPU must use none. Where the nodes do not confine devices
+# (ConstrainDevices=no) its tasks see every GPU of the node, and `accelerator: auto` would
+# take GPUs Slurm gave to other jobs. Exporting CUDA_VISIBLE_DEVICES from the script is not
+# enough: slurmstepd unsets it in steps without GPUs wherever gres.conf lists some, so each
+# task's own command sets it (python_command), and a container gets no GPU to start with.
+NO_GPU_SETUP = ["export NVIDIA_VISIBLE_DEVICES=void  # pyxis/enroot: start containers without GPUs"]
 
 
-def _asks_for_gpus(job: Job) -> bool:
+def asks_for_gpus(job: Job) -> bool:
+    """GPUs asked for by the trainer, or by the site's own options (gres=gpu:4,
+    tres_per_task=gres/gpu:1, gpus_per_task=1...)."""
     extra = job.cluster.get("additional_parameters") or {}
-    named = any("gpu" in str(key) or "gres" in str(key) for key in extra)  # e.g. gres: gpu:4
+    named = any("gpu" in f"{key}={value}".lower() for key, value in extra.items())
     return bool(job.resources.gpus_per_node) or named
 
 
 def executor_params(job: Job, count: int) -> dict[str, Any]:
     """submitit ``SlurmExecutor`` parameters (sbatch's names) for ``count`` trials."""
     c, r = job.cluster, job.resources
-    hide = [] if _asks_for_gpus(job) else HIDE_GPUS
+    no_gpu = [] if asks_for_gpus(job) else NO_GPU_SETUP  # first: a site's setup may differ
     params: dict[str, Any] = {
         "job_name": f"trainyard-{job.name}",
         "nodes": r.nodes,
@@ -145,7 +149,7 @@ def executor_params(job: Job, count: int) -> dict[str, Any]:
         "cpus_per_task": r.cpus_per_task,
         "time": int(_setting(c, "time_min", 60)),
         "signal_delay_s": int(_setting(c, "signal_delay_s", 90)),
-        "setup": [*(str(line) for line in c.get("setup") or []), *hide, *PORT_SETUP],
+        "setup": [*no_gpu, *(str(line) for line in c.get("setup") or []), *PORT_SETUP],
         "srun_args": ["--kill-on-bad-exit=1", *_container_srun_args(c)],
         "wckey": None,  # submitit would tag every job "submitit"
         "array_parallelism": int(_setting(c, "array_parallelism", count)),
@@ -185,9 +189,10 @@ def _container_srun_args(c: dict) -> list[str]:
     return args
 
 
-def python_command(c: dict) -> str:
+def python_command(c: dict, gpus: bool = True) -> str:
     """How the nodes start Python: the submitting interpreter on a shared filesystem, the
-    image's ``python`` under pyxis, or ``apptainer exec`` of the image."""
+    image's ``python`` under pyxis, or ``apptainer exec`` of the image. Without ``gpus``,
+    with no GPU visible (set in the task itself, after slurmstepd set up its environment)."""
     container = c.get("container") or {}
     engine, image = container.get("engine"), container.get("image")
     if engine and not image:
@@ -198,10 +203,12 @@ def python_command(c: dict) -> str:
     python = str(c.get("python") or ("python" if engine else sys.executable))
     # in the image, through its entrypoint (pyxis and `apptainer exec` skip ENTRYPOINT):
     # the versions are logged and a driver too old for the image's CUDA is refused
-    entry = ["trainyard-entry"] if engine else []
+    hide = [] if gpus else ["env", "CUDA_VISIBLE_DEVICES="]
+    entry = [*hide, *(["trainyard-entry"] if engine else [])]
     if engine == "apptainer":
         binds = ["--bind", ",".join(container["mounts"])] if container.get("mounts") else []
-        return shlex.join(["apptainer", "exec", "--nv", *binds, _image(container), *entry, python])
+        nv = ["--nv"] if gpus else []  # the driver and devices, bound in for GPU jobs only
+        return shlex.join(["apptainer", "exec", *nv, *binds, _image(container), *entry, python])
     if engine not in (None, "pyxis"):
         raise ConfigError(
             f"cluster.container.engine={engine!r} is not supported on Slurm",
@@ -309,7 +316,7 @@ class SlurmBackend(Backend):
                 f"{log_dir}: sbatch expands % in paths",
                 fix="paths.output_dir=<a directory without %>",
             )
-        python = python_command(job.cluster)
+        python = python_command(job.cluster, gpus=asks_for_gpus(job))
         timeouts = int(_setting(job.cluster, "max_requeues_without_progress", 3))
         requests = []
         for trials in split(job.trials, _setting(job.cluster, "max_array_size", 1001)):

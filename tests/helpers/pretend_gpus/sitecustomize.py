@@ -12,7 +12,12 @@ value hides them all, which is how a scheduler keeps a trial off GPUs it did not
 Nothing can run on these devices: a test that touches one fails with CUDA's "no NVIDIA
 driver" error, which is the point. A test that does not ask for a GPU must not touch one.
 
-    PYTHONPATH=tests/helpers/pretend_gpus TRAINYARD_PRETEND_GPUS=1 pytest -m "not gpu"
+    PYTHONPATH=$PWD/tests/helpers/pretend_gpus TRAINYARD_PRETEND_GPUS=1 pytest -m "not gpu"
+
+What it cannot be: only ``torch.cuda``'s answers change (what Lightning and trainyard ask);
+``torch.accelerator`` says "none", so torch's own CPU code (an optimizer's graph-capture
+check, ``pin_memory``) stays on the CPU where a real GPU machine would quietly create a CUDA
+context. It also stands in for any other ``sitecustomize`` (Debian's system Python has one).
 """
 
 from __future__ import annotations

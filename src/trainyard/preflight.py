@@ -175,7 +175,8 @@ def resolve_devices(cfg: DictConfig) -> tuple[str, int]:
         unit = "GPUs" if accelerator == "gpu" else "CPU cores"
         auto = given == "auto" and accelerator == "gpu"
         chose = " (trainer.accelerator=auto chose the GPUs)" if auto else ""
-        on_cpu = ", or trainer.accelerator=cpu for CPU processes" if chose else ""
+        fits = devices <= (os.cpu_count() or 1)  # as many CPU processes as cores, at most
+        on_cpu = ", or trainer.accelerator=cpu for CPU processes" if chose and fits else ""
         raise ConfigError(
             f"trainer.devices={devices} but this machine has {available} {unit}{chose}",
             fix=f"trainer.devices={available} or fewer{on_cpu}, or submit to a cluster",

@@ -52,6 +52,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*recommended to use `Trainer\(devices=1.*")
     # trainyard starts the ranks (or srun does, and Lightning then uses it): nothing to hint
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # trainer.accelerator=cpu on a GPU machine is the config's choice, not an oversight
+    warnings.filterwarnings("ignore", message=r"GPU available but not used")
     # a resume finds its own best.ckpt there: expected, and said in its own line
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
@@ -380,7 +382,8 @@ def run_rank(config_path: str) -> float | None:
     rank = global_rank()
     # which frozen config this rank trains from: the same bytes on every rank and attempt
     digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16]
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # srun sets no LOCAL_RANK (Lightning's Slurm environment reads SLURM_LOCALID too)
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     run.write_rank_info(rank, local_rank=local_rank, config_sha256=digest)
     with run_logging(run, rank):
         return _run_rank(cfg, run, rank)

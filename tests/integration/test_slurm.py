@@ -89,6 +89,12 @@ def test_only_jobs_that_asked_for_gpus_may_see_them():
     assert "apptainer exec --nv" in render(gpus_per_node=1, container=sif)[1]
 
 
+def test_an_option_of_value_one_keeps_its_value_and_an_empty_one_is_a_flag():
+    job = _job([Path("/o/t")], additional_parameters={"gpus_per_task": 1, "exclusive": ""})
+    script = SlurmBackend().render(job)[0].script
+    assert "#SBATCH --gpus-per-task=1\n" in script and "#SBATCH --exclusive\n" in script
+
+
 def test_a_sweep_larger_than_max_array_size_goes_out_as_several_arrays():
     trials = [Path(f"/o/t{i}") for i in range(2500)]
     chunks = split(trials, 1001)

@@ -321,9 +321,11 @@ def _container_env(container: dict, cluster: dict, master: str) -> None:
             raise refuse(f"env.{name}", value, "not an environment variable name",
                          "cluster.env.<NAME>=<value>")  # fmt: skip
         if str(name) in _DEVICE_VARIABLES:
-            raise refuse(f"env.{name}", value, "the GPUs a pod sees are the ones it asks for "
-                         "(kubelet puts the pod's env after the device plugin's)",
-                         "trainer.accelerator=gpu trainer.devices=<GPUs per pod>")  # fmt: skip
+            raise refuse(f"env.{name}", value, "may not be set: a pod sees the GPUs it asks "
+                         "for and no others (a pod's env would override the device plugin's; "
+                         "pods without GPUs already see none)",
+                         "drop it; for GPUs: trainer.accelerator=gpu "
+                         "trainer.devices=<GPUs per pod>")  # fmt: skip
         if _CREDENTIAL.search(str(name)) or _URL_PASSWORD.search(str(value)):
             raise refuse(
                 f"env.{name}", "<hidden>",

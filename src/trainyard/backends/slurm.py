@@ -127,7 +127,9 @@ PORT_SETUP = [
 # take GPUs Slurm gave to other jobs. Exporting CUDA_VISIBLE_DEVICES from the script is not
 # enough: slurmstepd unsets it in steps without GPUs wherever gres.conf lists some, so each
 # task's own command sets it (python_command), and a container gets no GPU to start with.
-NO_GPU_SETUP = ["export NVIDIA_VISIBLE_DEVICES=void  # pyxis/enroot: start containers without GPUs"]
+NO_GPU_SETUP = [
+    "export NVIDIA_VISIBLE_DEVICES=void  # no GPU asked for: containers get none either"
+]
 
 
 def asks_for_gpus(job: Job) -> bool:
@@ -163,7 +165,9 @@ def executor_params(job: Job, count: int) -> dict[str, Any]:
     for key, value in sorted((c.get("additional_parameters") or {}).items()):
         if not _OPTION.match(str(key)):
             raise ConfigError(f"cluster.additional_parameters: {key!r} is not an sbatch option")
-        extra[key] = True if value in ("", None, True) else _token(key, value)
+        # a bare flag; not `value in (...)`: 1 == True would turn `gpus_per_task: 1` into one
+        flag = value is True or value is None or value == ""
+        extra[key] = True if flag else _token(key, value)
     params["additional_parameters"] = extra
     return params
 

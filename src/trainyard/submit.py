@@ -289,8 +289,10 @@ def _send(backend: Any, request: Any, job: Any, records: list[dict]) -> str:
 
 def _ask(backend: Any, request: Any, dry_run: bool) -> None:
     """The cluster's verdict on a request; a dry run without a cluster to ask renders all
-    the same (manifests for GitOps, a script to read)."""
+    the same (manifests for GitOps, a script to read), and one the cluster refuses shows
+    what it refused before saying why."""
     from trainyard.backends.base import NoCluster
+    from trainyard.errors import TrainyardError
 
     try:
         backend.check(request)
@@ -298,6 +300,10 @@ def _ask(backend: Any, request: Any, dry_run: bool) -> None:
         if not dry_run:
             raise
         print(f"# trainyard: not checked with the cluster: {exc.message}")
+    except TrainyardError:
+        if dry_run:
+            print(request)
+        raise
 
 
 @contextlib.contextmanager

@@ -265,6 +265,10 @@ def test_a_job_slurm_would_refuse_fails_before_anything_is_prepared(tmp_path, ov
     assert out.returncode == 2, out.stderr
     assert "Slurm would refuse this job" in out.stderr and says in out.stderr.lower()
     assert not (tmp_path / "outputs").exists()
+    dry = _submit(tmp_path, *extra, override, "--dry-run")
+    assert dry.returncode == 2 and "Slurm would refuse this job" in dry.stderr
+    assert "#SBATCH --nodes=" in dry.stdout  # the refused script, to read
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slurm

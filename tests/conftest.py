@@ -85,6 +85,17 @@ def hydra_version_base_unset():
     instance.version_base = saved
 
 
+def pretend_gpus(count: int) -> dict[str, str]:
+    """Environment variables under which torch reports ``count`` GPUs, none hidden
+    (tests/helpers/pretend_gpus; a scheduler's own visible list here would hide some)."""
+    path = [str(REPO / "tests" / "helpers" / "pretend_gpus"), os.environ.get("PYTHONPATH", "")]
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, path)),
+        "TRAINYARD_PRETEND_GPUS": str(count),
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(count)),
+    }
+
+
 def _env(root: Path, extra: dict | None) -> dict:
     return {**os.environ, "TRAINYARD_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(extra or {})}
 

@@ -112,14 +112,19 @@ def _already_queued(planned: list[Any], records: list[dict]) -> list[dict]:
 
     sent = {t for r in records for t in r["trials"]}
     found: dict[str, dict] = {}
+    histories: dict[Path, list[dict]] = {}  # a sweep's own file serves all of its trials
+
+    def history(path: Path) -> list[dict]:
+        if path not in histories:
+            histories[path] = json.loads(path.read_text()) if path.exists() else []
+        return histories[path]
+
     for p in planned:
         trial = str(p.run_dir)
         if trial in sent or RunDir(trial).state == "completed":
             continue
         for log_dir in (Path(trial), Path(trial).parent):
-            path = log_dir / SUBMISSION
-            history = json.loads(path.read_text()) if path.exists() else []
-            latest = [r for r in history if trial in r["trials"]][-1:]
+            latest = [r for r in history(log_dir / SUBMISSION) if trial in r["trials"]][-1:]
             for record in latest:
                 found.setdefault(record["job_id"], {**record, "trials": []})
                 found[record["job_id"]]["trials"].append(trial)
@@ -310,7 +315,8 @@ def returns(started: Started) -> list[Any]:
             ret.return_value = reported[str(run.root)].get("value")
             ret.working_dir = str(run.root)
         else:
-            last = run.status()["history"][-1] if run and run.status()["history"] else {}
+            history = run.status()["history"] if run else []
+            last = history[-1] if history else {}
             reason = failed.get(index) or last.get("error") or last.get("reason")
             where = str(run.root) if run else " ".join(overrides)
             code = getattr(failed.get(index), "exit_code", 3)  # bad input: 2

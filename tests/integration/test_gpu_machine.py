@@ -15,8 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_dirs, train_cli
-from tests.helpers.gpus import pretend_gpus
+from tests.conftest import pretend_gpus, run_dirs, train_cli
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import cli, run_dirs
-from tests.helpers.gpus import pretend_gpus
+from tests.conftest import cli, pretend_gpus, run_dirs
 
 pytestmark = pytest.mark.slow
 

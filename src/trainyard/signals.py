@@ -58,9 +58,19 @@ def parse(names: Iterable[str]) -> list[signal.Signals]:
 
 def install(preempt: Iterable[str] = DEFAULT_PREEMPT) -> None:
     """Route the preemption signals and SIGINT to the stop request. Idempotent."""
-    for signum in parse(preempt):
+    handled = parse(preempt)
+    for signum in handled:
         signal.signal(signum, _on_preempt)
     signal.signal(signal.SIGINT, _on_interrupt)
+    unblock([*handled, signal.SIGINT])
+
+
+def unblock(signums: Iterable[int]) -> None:
+    """Let ``signums`` reach their handlers. A signal mask survives fork and exec and
+    Python keeps the one it starts with: a launcher that blocked SIGUSR1 would leave
+    Slurm's warning pending until the kill at the time limit. A signal that arrived while
+    blocked is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
 
 
 def _on_preempt(signum: int, frame) -> None:

@@ -132,6 +132,25 @@ def test_a_signal_at_any_moment_is_recorded_and_never_a_success(
     assert ckpt["global_step"] > 0 and "weights" not in ranks  # stopped before fit ended
 
 
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["sigusr1", "sigterm"])
+def test_a_stop_signal_blocked_by_the_launcher_still_stops_training(tmp_path, signum):
+    """A signal mask is inherited through fork and exec, and Python leaves it as it finds
+    it: a launcher that blocks SIGUSR1 (an agent, a thread that forks) would otherwise
+    leave Slurm's warning signal pending, and the job would be killed at its time limit."""
+    blocked = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:  # what this process blocks when it forks, the trainyard-train process inherits
+        proc = popen_train(["trainer.max_epochs=400", "callbacks.early_stopping=null"], tmp_path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    run = _wait_running(tmp_path, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, stderr
+    assert _status(run)["state"] == "preempted"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_a_signal_while_the_ranks_start_is_a_stop_not_a_success(tmp_path, signum):
     proc = popen_train([*DDP, "trainer.max_epochs=50"], tmp_path)

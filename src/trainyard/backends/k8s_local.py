@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from trainyard import signals
 from trainyard.launch import free_port
 
 _SCRIPTS = {"trainyard-pod": ["-m", "trainyard.backends.k8s_pod"], "python": []}
@@ -93,6 +94,7 @@ class Runner:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signals.unblock((signal.SIGTERM, signal.SIGINT))
         self.save()
         for index, trial in enumerate(self.spec["trials"]):
             if self.stopping:

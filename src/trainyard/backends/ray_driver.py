@@ -28,6 +28,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from trainyard import signals
+
 log = logging.getLogger("trainyard")
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -51,7 +53,6 @@ def run_trial(run_dir: str) -> dict[str, Any]:
     """Train one prepared trial in this worker (a Ray task). Outcomes are returned, not
     raised: an error of the trial is final, and only a dead worker is Ray's to retry.
     The worker's signal handlers are Ray's again afterwards."""
-    from trainyard import signals
     from trainyard.errors import EXIT_FAILED, EXIT_PREEMPTED, Stopped, TrainyardError, TrialBusy
     from trainyard.train import run_prepared
 
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     driver = Driver(task, options, trials, cap, args.max_requeues)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, driver.stop)
+    signals.unblock((signal.SIGTERM, signal.SIGINT))
     code = driver.run()
     done = sum(o["state"] == "completed" for o in driver.outcomes.values())
     print(f"trainyard: {done}/{len(trials)} trial(s) completed in "

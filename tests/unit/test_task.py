@@ -15,11 +15,9 @@ from trainyard.tasks import Classifier
 
 
 def _task(**kwargs):
+    kwargs.setdefault("optimizer", lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=0.1))
     return Classifier(
-        net=MLP((1, 8, 8), 10, hidden=[16], batch_norm=True),
-        num_classes=10,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=0.1),
-        **kwargs,
+        net=MLP((1, 8, 8), 10, hidden=[16], batch_norm=True), num_classes=10, **kwargs
     )
 
 
@@ -39,6 +37,38 @@ def test_weight_decay_spares_biases_and_norm_scales():
     assert all(p.ndim > 1 for p in groups[0]["params"])
     assert all(p.ndim <= 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
     assert len(_task(decay_norm_and_bias=True)._param_groups()) == 1
+
+
+def _fitted_optimizer(task, **trainer_settings) -> torch.optim.Optimizer:
+    trainer = quiet_trainer(max_steps=3, **trainer_settings)
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    [optimizer] = trainer.optimizers
+    return optimizer
+
+
+def _adam(**settings):
+    return functools.partial(torch.optim.Adam, lr=1e-3, **settings)
+
+
+def test_the_optimizer_runs_torchs_fused_kernel_unless_the_config_chose_one():
+    optimizer = _fitted_optimizer(_task(optimizer=_adam()))
+    assert [g["fused"] for g in optimizer.param_groups] == [True, True]
+    for chosen in ({"fused": False}, {"foreach": True}):
+        optimizer = _fitted_optimizer(_task(optimizer=_adam(**chosen)))
+        assert not any(g["fused"] for g in optimizer.param_groups), chosen
+    # a factory that takes no such argument, or an optimizer without a fused kernel, is
+    # built as configured
+    assert not _fitted_optimizer(_task()).param_groups[0]["fused"]  # a lambda
+    rmsprop = _task(optimizer=functools.partial(torch.optim.RMSprop, lr=1e-3))
+    assert not _fitted_optimizer(rmsprop).param_groups[0].get("fused")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_clipping_under_mixed_precision_keeps_the_unfused_kernel(precision):
+    # a fused step unscales the gradients inside, where Lightning cannot clip them first
+    task = _task(optimizer=_adam(), gradient_clip_val=1.0)
+    optimizer = _fitted_optimizer(task, **_precision(precision))
+    assert not any(g["fused"] for g in optimizer.param_groups)
 
 
 def test_onecycle_gets_total_steps_from_the_trainer_and_steps_per_batch():

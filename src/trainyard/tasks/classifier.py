@@ -247,13 +247,35 @@ class Classifier(pl.LightningModule):
             total = min(total, trainer.max_steps)
         return int(total)
 
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer, on torch's fused kernel where it has one for these
+        parameters (Adam, AdamW, SGD on CPU and CUDA): one kernel per step instead of one
+        per tensor and operation, measured at 25% of a small model's GPU step and 15% of its
+        CPU step (issue 10). Lightning has moved the parameters to their device by now.
+
+        A config that names ``fused`` or ``foreach`` decides (``+optimizer.fused=false``).
+        Not with clipping under mixed precision: a fused step unscales the gradients
+        itself, after the point where Lightning clips them, and Lightning refuses it."""
+        factory, groups = self.optimizer_factory, self._param_groups()
+        chosen = {"fused", "foreach"} & set(getattr(factory, "keywords", None) or {})
+        trainer = self._trainer
+        mixed = trainer is not None and str(trainer.precision).endswith("-mixed")
+        if chosen or (mixed and self.gradient_clip_val):
+            return factory(params=groups)
+        try:
+            return factory(params=groups, fused=True)
+        except (TypeError, RuntimeError, ValueError):
+            # no such argument (a plain function), or no fused kernel for this optimizer,
+            # dtype or device: the configured optimizer as it is (a real error raises here)
+            return factory(params=groups)
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError(
                 "this Classifier has no optimizer (a checkpoint records one only when its "
                 "target is a torch.optim.Optimizer class): pass optimizer=..."
             )
-        optimizer = self.optimizer_factory(params=self._param_groups())
+        optimizer = self._build_optimizer()
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}

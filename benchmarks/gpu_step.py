@@ -21,6 +21,7 @@ Exits 0 with a message where no GPU is visible. ``--device cpu`` runs the same c
 CPU, to check the script itself on a machine without a GPU (its timings say nothing).
 
 Usage: python benchmarks/gpu_step.py [--repeats 2] [--steps 200] [--cases resnet256,...]
+                                    [--variants plain,trainyard,...]
 """
 
 from __future__ import annotations
@@ -62,23 +63,24 @@ def run_variant(name: str, cfg, root: Path) -> float:
     return cpu_bench.run_trainyard(cfg, extras=True, root=root)
 
 
-def measure(case: str, repeats: int, steps: int, device: str) -> None:
+def measure(case: str, repeats: int, steps: int, device: str, variants: tuple[str, ...]) -> None:
     on_cpu = ["trainer.accelerator=cpu"] if device == "cpu" else []
-    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = cpu_bench.compose([*CASES[case], "trainer=gpu", *on_cpu], Path(tmp), steps)
-            shift = rep % len(VARIANTS)  # rotate the order so no variant always goes first
-            for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            shift = rep % len(variants)  # rotate the order so no variant always goes first
+            for name in variants[shift:] + variants[:shift]:
                 results[name].append(run_variant(name, cfg, Path(tmp)))
     for label, pick in (("median", statistics.median), ("best", min)):
         step = {name: pick(values) for name, values in results.items()}
         rows = [(f"{name} [ms/step]", 1e3 * value, "") for name, value in step.items()]
-        for name in VARIANTS[1:]:
+        for name in variants[1:]:
             goal = "target <= 1.00" if name == "trainyard" else "reference"
             rows.append((f"{name} / plain", step[name] / step["plain"], goal))
-        on_gpu = step["trainyard"] / step["plain-on-gpu"]
-        rows.append(("trainyard / plain-on-gpu", on_gpu, "target <= 1.10"))
+        if "plain-on-gpu" in step:
+            on_gpu = step["trainyard"] / step["plain-on-gpu"]
+            rows.append(("trainyard / plain-on-gpu", on_gpu, "target <= 1.10"))
         report(f"{case} on {device}: per-step time, {label} of {repeats} runs x {steps}", rows)
 
 
@@ -88,7 +90,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="plain first")
     args = parser.parse_args()
+    variants = tuple(args.variants.split(","))
+    if variants[0] != "plain" or not set(variants) <= set(VARIANTS) or "trainyard" not in variants:
+        parser.error(f"--variants: plain first, then trainyard and any of {', '.join(VARIANTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_step: skipped: no CUDA GPU is visible to torch (nothing was measured)")
         return 0
@@ -103,7 +109,7 @@ def main() -> int:
     if args.device == "cuda":
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     for case in args.cases.split(","):
-        measure(case, args.repeats, args.steps, args.device)
+        measure(case, args.repeats, args.steps, args.device, variants)
     return 0
 
 

@@ -125,8 +125,6 @@ def run_plain(cfg, loop) -> float:
 def _run_plain(cfg, loop) -> float:
     from hydra.utils import instantiate
 
-    from trainyard.tasks import Classifier
-
     data = instantiate(cfg.data)
     data.setup()
     task = instantiate(cfg.task)(
@@ -135,12 +133,22 @@ def _run_plain(cfg, loop) -> float:
         optimizer=instantiate(cfg.optimizer),
         loss=instantiate(cfg.loss),
     )
-    optimizer = Classifier.configure_optimizers(task)
-    x, y = data.train_set.tensors
+    # the optimizer as a user builds it (torch's default kernels), on the same groups
+    optimizer = task.optimizer_factory(params=task._param_groups())
+    x, y = whole_batches(data)
     device, dtype = machine(cfg)
     timer = Timer()
     loop(task.net.to(device), task.loss_fn, optimizer, x, y, data.batch_size, timer, device, dtype)
     return timer.median_step()
+
+
+def whole_batches(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training tensors cut to whole batches, for the hand-written loops and the bare
+    Trainer: a last batch of one sample stops a network with BatchNorm (ResNet-18) in
+    training; trainyard's loader drops such a sample."""
+    x, y = data.train_set.tensors
+    whole = len(x) - len(x) % data.batch_size
+    return x[:whole], y[:whole]
 
 
 def _timer_callback(timer: Timer):
@@ -190,7 +198,7 @@ def run_lightning_bare(cfg) -> float:
 def _standard_loader(data, gpu: bool) -> DataLoader:
     """What a Lightning user passes: a shuffled DataLoader over a TensorDataset."""
     data.setup()
-    dataset = TensorDataset(*data.train_set.tensors)
+    dataset = TensorDataset(*whole_batches(data))
     return DataLoader(dataset, batch_size=data.batch_size, shuffle=True, pin_memory=gpu)
 
 

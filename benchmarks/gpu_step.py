@@ -5,6 +5,8 @@ The cases and columns of issue 10 (bf16-mixed, synthetic data):
 - plain:             a hand-written loop as a user writes it: a standard DataLoader over a
                      TensorDataset, pinned, copied with ``non_blocking=True``. The reference.
 - plain-on-gpu:      the same loop with the data held on the GPU, batches taken by index
+- plain-on-gpu-fused: that loop with the optimizer's fused kernel (``fused=True``, which
+                     trainyard chooses): trainyard against it is trainyard's own overhead
 - lightning-bare:    a bare Lightning Trainer with the standard DataLoader (as shipped)
 - trainyard:         trainyard-train trainer=gpu's Trainer, task and data path (callbacks,
                      logger and run directory as users run it)
@@ -12,7 +14,8 @@ The cases and columns of issue 10 (bf16-mixed, synthetic data):
 
 for ResNet-18 at batch 256 and the default CNN at batch 128 on 3x32x32 images, and the
 MLP 784-128-64-10 at batch 64. Every variant runs with TF32 float32 matmuls and cuDNN
-autotuning (what trainer=gpu sets), so the columns differ in their loops only. A step is
+autotuning (what trainer=gpu sets); the hand-written loops and the bare Trainer use torch's
+default optimizer kernel (for-each on CUDA) unless their name says fused. A step is
 the interval between consecutive batch starts after warm-up (compilation included in the
 warm-up); variants are interleaved, and each ratio is given for the median and the best
 run. Goals (issue 10): trainyard <= 1.00x plain in every case, and <= 1.10x plain-on-gpu.
@@ -45,7 +48,10 @@ CASES = {
     "cnn128": [*IMAGES, "model=cnn", "data.batch_size=128"],
     "mlp64": [*cpu_bench.MLP, "data.batch_size=64"],
 }
-VARIANTS = ("plain", "plain-on-gpu", "lightning-bare", "trainyard", "trainyard-compile")
+VARIANTS = (
+    "plain", "plain-on-gpu", "plain-on-gpu-fused", "lightning-bare",
+    "trainyard", "trainyard-compile",
+)  # fmt: skip
 
 
 def run_variant(name: str, cfg, root: Path) -> float:
@@ -53,6 +59,8 @@ def run_variant(name: str, cfg, root: Path) -> float:
         return cpu_bench.run_plain(cfg, dataloader_loop)
     if name == "plain-on-gpu":
         return cpu_bench.run_plain(cfg, indexed_loop)
+    if name == "plain-on-gpu-fused":
+        return cpu_bench.run_plain(cfg, indexed_loop, fused=True)
     if name == "lightning-bare":
         with cpu_bench.stock_lightning():
             return cpu_bench.run_lightning_bare(cfg)
@@ -81,6 +89,9 @@ def measure(case: str, repeats: int, steps: int, device: str, variants: tuple[st
         if "plain-on-gpu" in step:
             on_gpu = step["trainyard"] / step["plain-on-gpu"]
             rows.append(("trainyard / plain-on-gpu", on_gpu, "target <= 1.10"))
+        if "plain-on-gpu-fused" in step:
+            own = step["trainyard"] / step["plain-on-gpu-fused"]
+            rows.append(("trainyard / plain-on-gpu-fused (own overhead)", own, ""))
         report(f"{case} on {device}: per-step time, {label} of {repeats} runs x {steps}", rows)
 
 

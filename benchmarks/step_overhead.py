@@ -4,9 +4,13 @@ Every variant trains the same network (built from the same config), on the same 
 batch size, optimizer (same parameter groups) and loss, on the CPU with 2 threads:
 
 - plain:          a hand-written loop as a user writes it: a standard DataLoader over a
-                  TensorDataset (zero_grad, forward, loss, backward, step). The reference.
+                  TensorDataset (zero_grad, forward, loss, backward, step), torch's default
+                  optimizer kernel. The reference.
 - plain-indexed:  the same loop with the data held in memory and batches taken by index
                   (what trainyard's data path does): where the win comes from
+- plain-indexed-fused: that loop with the optimizer's fused kernel (``fused=True``, which
+                  trainyard chooses): the rest of the win; trainyard against it is
+                  trainyard's own overhead
 - lightning-bare: a bare pytorch_lightning.Trainer with every extra switched off, a
                   minimal LightningModule and the standard DataLoader, Lightning as shipped
                   (its NVML setting, none of trainyard's patches)
@@ -46,7 +50,9 @@ CASES = {  # name: (overrides, target ratio against the plain loop)
     "mlp256": ([*MLP, "data.batch_size=256"], 1.00),
     "cnn128": (["data.shape=[3,32,32]", "model=cnn", "data.batch_size=128"], 1.00),
 }
-VARIANTS = ("plain", "plain-indexed", "lightning-bare", "trainyard-bare", "trainyard")
+VARIANTS = (
+    "plain", "plain-indexed", "plain-indexed-fused", "lightning-bare", "trainyard-bare", "trainyard"
+)  # fmt: skip
 CPU = torch.device("cpu")
 
 
@@ -116,13 +122,13 @@ def machine(cfg) -> tuple[torch.device, torch.dtype | None]:
     return device, torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None
 
 
-def run_plain(cfg, loop) -> float:
+def run_plain(cfg, loop, fused: bool = False) -> float:
     # a hand-written loop runs without Lightning, so without the NVML setting it imports
     with environment(**{NVML: None}):
-        return _run_plain(cfg, loop)
+        return _run_plain(cfg, loop, fused)
 
 
-def _run_plain(cfg, loop) -> float:
+def _run_plain(cfg, loop, fused: bool) -> float:
     from hydra.utils import instantiate
 
     data = instantiate(cfg.data)
@@ -133,8 +139,9 @@ def _run_plain(cfg, loop) -> float:
         optimizer=instantiate(cfg.optimizer),
         loss=instantiate(cfg.loss),
     )
-    # the optimizer as a user builds it (torch's default kernels), on the same groups
-    optimizer = task.optimizer_factory(params=task._param_groups())
+    # the optimizer as a user builds it (torch's default kernel unless asked), same groups
+    kernel = {"fused": True} if fused else {}
+    optimizer = task.optimizer_factory(params=task._param_groups(), **kernel)
     x, y = whole_batches(data)
     device, dtype = machine(cfg)
     timer = Timer()
@@ -228,6 +235,8 @@ def run_variant(name: str, cfg, root: Path) -> float:
         return run_plain(cfg, dataloader_loop)
     if name == "plain-indexed":
         return run_plain(cfg, indexed_loop)
+    if name == "plain-indexed-fused":
+        return run_plain(cfg, indexed_loop, fused=True)
     if name == "lightning-bare":
         with stock_lightning():
             return run_lightning_bare(cfg)
@@ -254,11 +263,17 @@ def measure(case: str, repeats: int, steps: int) -> None:
                     (f"{name} / plain", step[name] / step["plain"], goal)
                     for name, goal in (
                         ("plain-indexed", "reference"),
+                        ("plain-indexed-fused", "reference"),
                         ("lightning-bare", "reference"),
                         ("trainyard-bare", ""),
                         ("trainyard", f"target <= {target}"),
                     )
                 ],
+                (
+                    "trainyard / plain-indexed-fused (trainyard's own overhead)",
+                    step["trainyard"] / step["plain-indexed-fused"],
+                    "",
+                ),
                 (
                     "trainyard / trainyard-bare (callbacks, logger, progress, run dir)",
                     step["trainyard"] / step["trainyard-bare"],

@@ -63,12 +63,49 @@ def test_the_optimizer_runs_torchs_fused_kernel_unless_the_config_chose_one():
     assert not _fitted_optimizer(rmsprop).param_groups[0].get("fused")
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_clipping_under_mixed_precision_keeps_the_unfused_kernel(precision):
-    # a fused step unscales the gradients inside, where Lightning cannot clip them first
-    task = _task(optimizer=_adam(), gradient_clip_val=1.0)
+@pytest.mark.parametrize(
+    ("precision", "clip"), [("bf16-mixed", 1.0), ("16-mixed", None), ("16-mixed", 1.0)]
+)
+def test_no_fused_kernel_where_it_would_see_scaled_gradients_or_refuse_clipping(precision, clip):
+    # a fused step unscales fp16 gradients itself: callbacks and optimizers would see them
+    # still scaled; and Lightning refuses to clip for such optimizers under mixed precision
+    task = _task(optimizer=_adam(), gradient_clip_val=clip)
     optimizer = _fitted_optimizer(task, **_precision(precision))
     assert not any(g["fused"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_a_checkpoint_of_the_unfused_optimizer_resumes_on_its_own_kernel(tmp_path, precision):
+    """A trial stopped before trainyard chose fused kernels resumes as it started."""
+    unfused = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731 (torch's default)
+    trainer = quiet_trainer(max_steps=3, **_precision(precision))
+    trainer.fit(_task(optimizer=unfused), datamodule=DigitsDataModule(batch_size=32))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = quiet_trainer(max_steps=6, **_precision(precision))
+    task = _task(optimizer=_adam())
+    resumed.fit(task, datamodule=DigitsDataModule(batch_size=32), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 6
+    assert not any(g["fused"] for g in resumed.optimizers[0].param_groups)
+
+
+class _SparseNet(torch.nn.Module):
+    """Digits through an embedding with sparse gradients, which fused kernels refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 4, sparse=True)
+        self.head = torch.nn.Linear(64 * 4, 10)
+
+    def forward(self, x):
+        positions = torch.arange(64, device=x.device).expand(len(x), 64)
+        return self.head((self.embed(positions) * x.flatten(1).unsqueeze(-1)).flatten(1))
+
+
+def test_a_network_with_sparse_gradients_trains_on_the_unfused_kernel():
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    task = Classifier(net=_SparseNet(), num_classes=10, optimizer=sgd)
+    optimizer = _fitted_optimizer(task)
+    assert not optimizer.param_groups[0]["fused"]
 
 
 def test_onecycle_gets_total_steps_from_the_trainer_and_steps_per_batch():

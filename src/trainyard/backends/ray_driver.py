@@ -52,11 +52,12 @@ def infeasible(nodes: list[dict[str, float]], cpus: float, gpus: float) -> str |
 def run_trial(run_dir: str) -> dict[str, Any]:
     """Train one prepared trial in this worker (a Ray task). Outcomes are returned, not
     raised: an error of the trial is final, and only a dead worker is Ray's to retry.
-    The worker's signal handlers are Ray's again afterwards."""
+    The worker's signal handlers and signal mask are Ray's again afterwards."""
     from trainyard.errors import EXIT_FAILED, EXIT_PREEMPTED, Stopped, TrainyardError, TrialBusy
     from trainyard.train import run_prepared
 
     saved = {s: signal.getsignal(s) for s in _HANDLED}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # unchanged: only read
     signals.reset()
     try:
         return {"state": "completed", "value": run_prepared(run_dir)}
@@ -75,6 +76,7 @@ def run_trial(run_dir: str) -> dict[str, Any]:
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signals.reset()
 
 

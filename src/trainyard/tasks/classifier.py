@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -248,26 +249,19 @@ class Classifier(pl.LightningModule):
         return int(total)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """The configured optimizer, on torch's fused kernel where it has one for these
-        parameters (Adam, AdamW, SGD on CPU and CUDA): one kernel per step instead of one
-        per tensor and operation, measured at 25% of a small model's GPU step and 15% of its
-        CPU step (issue 10). Lightning has moved the parameters to their device by now.
-
-        A config that names ``fused`` or ``foreach`` decides (``+optimizer.fused=false``).
-        Not with clipping under mixed precision: a fused step unscales the gradients
-        itself, after the point where Lightning clips them, and Lightning refuses it."""
+        """The configured optimizer, on torch's fused kernel where :func:`_fusable` allows
+        it: one kernel per step instead of one per tensor and operation, measured at 25% of
+        a small model's GPU step and 15% of its CPU step (issue 10). Lightning has moved the
+        parameters to their device by now. A checkpoint's optimizer state carries its
+        kernel choice: a resumed trial keeps the kernel it started with, so it resumes
+        exactly (and a trial started before this choice existed stays on torch's default)."""
         factory, groups = self.optimizer_factory, self._param_groups()
-        chosen = {"fused", "foreach"} & set(getattr(factory, "keywords", None) or {})
         trainer = self._trainer
-        mixed = trainer is not None and str(trainer.precision).endswith("-mixed")
-        if chosen or (mixed and self.gradient_clip_val):
-            return factory(params=groups)
-        try:
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        clips = bool(self.gradient_clip_val)
+        if _fusable(factory, [p for g in groups for p in g["params"]], self.net, precision, clips):
             return factory(params=groups, fused=True)
-        except (TypeError, RuntimeError, ValueError):
-            # no such argument (a plain function), or no fused kernel for this optimizer,
-            # dtype or device: the configured optimizer as it is (a real error raises here)
-            return factory(params=groups)
+        return factory(params=groups)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
@@ -288,6 +282,33 @@ class Classifier(pl.LightningModule):
         interval = "step" if isinstance(scheduler, _STEPWISE) else "epoch"
         schedule = {"scheduler": scheduler, "interval": interval}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+# Optimizers whose fused kernels exist on CPU and CUDA alike (Adagrad's is CPU-only).
+_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def _fusable(factory, params: list[torch.Tensor], net: nn.Module, precision: str, clips: bool):
+    """Whether to ask ``factory`` for its fused kernel. torch checks devices, dtypes and
+    sparse gradients only at the first step, so they are checked here, before training.
+
+    Not where the config names ``fused`` or ``foreach`` (``+optimizer.fused=false``
+    decides); not under ``16-mixed``: the fused step unscales the gradients itself, so
+    callbacks and optimizers would see them still multiplied by the loss scale, and a
+    checkpoint of the unfused optimizer could not be resumed; not with clipping under
+    mixed precision, which Lightning refuses for optimizers that unscale in their step."""
+    func = factory.func if isinstance(factory, functools.partial) else factory
+    if not (isinstance(func, type) and issubclass(func, _FUSED)):
+        return False
+    if {"fused", "foreach"} & set(getattr(factory, "keywords", None) or {}):
+        return False
+    if "fused" not in inspect.signature(func).parameters:  # a subclass that does not take it
+        return False
+    if precision in ("16-mixed", "16") or (precision.endswith("-mixed") and clips):
+        return False
+    if any(getattr(m, "sparse", False) is True for m in net.modules()):  # sparse embeddings
+        return False
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _built(value, name: str):

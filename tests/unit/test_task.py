@@ -88,6 +88,36 @@ def test_a_checkpoint_of_the_unfused_optimizer_resumes_on_its_own_kernel(tmp_pat
     assert not any(g["fused"] for g in resumed.optimizers[0].param_groups)
 
 
+class _TakesNoFused(torch.optim.Adam):
+    def __init__(self, params, **settings):  # a subclass that forwards no fused argument
+        super().__init__(params, lr=settings.get("lr", 1e-3))
+
+
+@pytest.mark.parametrize(
+    ("factory", "param", "fusable"),
+    [
+        (_adam(), torch.zeros(2), True),
+        (functools.partial(torch.optim.SGD, lr=0.1), torch.zeros(2), True),
+        (_adam(differentiable=False), torch.zeros(2), False),  # the config names it
+        (_adam(), torch.zeros(2, dtype=torch.complex64), False),  # complex: no fused kernel
+        (_adam(), torch.zeros(2, device="meta"), False),  # no fused kernel on that device
+        (_adam(), torch.zeros(2).to_sparse(), False),  # a sparse parameter
+        (functools.partial(torch.optim.Adagrad, lr=0.1), torch.zeros(2), False),  # CPU-only
+        (functools.partial(_TakesNoFused, lr=0.1), torch.zeros(2), False),
+    ],
+    ids=["adam", "sgd", "differentiable", "complex", "meta", "sparse", "adagrad", "subclass"],
+)
+def test_which_optimizers_and_parameters_get_the_fused_kernel(factory, param, fusable):
+    from trainyard.tasks.classifier import _fusable
+
+    assert _fusable(factory, [torch.nn.Parameter(param)], torch.nn.Linear(2, 2)) is fusable
+
+
+def test_bf16_mixed_without_clipping_trains_on_the_fused_kernel():
+    optimizer = _fitted_optimizer(_task(optimizer=_adam()), precision="bf16-mixed")
+    assert all(g["fused"] for g in optimizer.param_groups)
+
+
 class _SparseNet(torch.nn.Module):
     """Digits through an embedding with sparse gradients, which fused kernels refuse."""
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -254,12 +255,19 @@ class Classifier(pl.LightningModule):
         a small model's GPU step and 15% of its CPU step (issue 10). Lightning has moved the
         parameters to their device by now. A checkpoint's optimizer state carries its
         kernel choice: a resumed trial keeps the kernel it started with, so it resumes
-        exactly (and a trial started before this choice existed stays on torch's default)."""
+        exactly (and a trial started before this choice existed stays on torch's default).
+
+        Not with a GradScaler (16-mixed): a fused step unscales the gradients itself, so
+        callbacks and optimizers would see them still scaled, and a checkpoint of the
+        unfused optimizer could not be resumed."""
         factory, groups = self.optimizer_factory, self._param_groups()
-        trainer = self._trainer
-        precision = str(trainer.precision) if trainer is not None else "32-true"
-        clips = bool(self.gradient_clip_val)
-        if _fusable(factory, [p for g in groups for p in g["params"]], self.net, precision, clips):
+        plugin = getattr(self._trainer, "precision_plugin", None)
+        scaled = getattr(plugin, "scaler", None) is not None  # a GradScaler: 16-mixed
+        # Lightning refuses to clip for an optimizer that unscales in its step, under any
+        # mixed precision (scaler or not)
+        refuses_clipping = bool(self.gradient_clip_val) and isinstance(plugin, MixedPrecision)
+        params = [p for g in groups for p in g["params"]]
+        if _fusable(factory, params, self.net) and not (scaled or refuses_clipping):
             return factory(params=groups, fused=True)
         return factory(params=groups)
 
@@ -288,27 +296,29 @@ class Classifier(pl.LightningModule):
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
-def _fusable(factory, params: list[torch.Tensor], net: nn.Module, precision: str, clips: bool):
-    """Whether to ask ``factory`` for its fused kernel. torch checks devices, dtypes and
-    sparse gradients only at the first step, so they are checked here, before training.
-
-    Not where the config names ``fused`` or ``foreach`` (``+optimizer.fused=false``
-    decides); not under ``16-mixed``: the fused step unscales the gradients itself, so
-    callbacks and optimizers would see them still multiplied by the loss scale, and a
-    checkpoint of the unfused optimizer could not be resumed; not with clipping under
-    mixed precision, which Lightning refuses for optimizers that unscale in their step."""
+def _fusable(factory, params: list[torch.Tensor], net: nn.Module) -> bool:
+    """Whether ``factory`` can take ``fused=True`` for ``params``. torch checks devices,
+    dtypes and sparse gradients only at the first step, so they are checked here, before
+    training. Not where the config names ``fused``, ``foreach`` or ``differentiable``
+    (``+optimizer.fused=false`` decides). A network that makes sparse gradients without a
+    module saying so (``F.embedding(..., sparse=True)`` on its own parameter) needs
+    ``+optimizer.fused=false``."""
     func = factory.func if isinstance(factory, functools.partial) else factory
     if not (isinstance(func, type) and issubclass(func, _FUSED)):
         return False
-    if {"fused", "foreach"} & set(getattr(factory, "keywords", None) or {}):
+    if {"fused", "foreach", "differentiable"} & set(getattr(factory, "keywords", None) or {}):
         return False
-    if "fused" not in inspect.signature(func).parameters:  # a subclass that does not take it
-        return False
-    if precision in ("16-mixed", "16") or (precision.endswith("-mixed") and clips):
+    try:
+        if "fused" not in inspect.signature(func).parameters:  # a subclass that drops it
+            return False
+    except (TypeError, ValueError):  # no signature to read
         return False
     if any(getattr(m, "sparse", False) is True for m in net.modules()):  # sparse embeddings
         return False
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return all(
+        p.is_floating_point() and p.layout == torch.strided and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
 
 
 def _built(value, name: str):

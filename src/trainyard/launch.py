@@ -64,9 +64,9 @@ def _rank_main(config_path: str, env: dict[str, str], preempt: list[str]) -> Non
     os.setpgid(0, 0)  # signals reach the ranks only through the parent
     _die_with_parent()
     # The parent started this process with the stop signals blocked: a signal sent while
-    # it was starting waited here, and now reaches trainyard's handler, not the default one.
+    # it was starting waited here, and install() lets it through to trainyard's handler
+    # once that is in place, not to the default one.
     signals.install(preempt)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signals(preempt))
     os.environ.update(env)
     from trainyard.worker import run_rank_and_exit
 

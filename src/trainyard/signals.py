@@ -58,19 +58,19 @@ def parse(names: Iterable[str]) -> list[signal.Signals]:
 
 def install(preempt: Iterable[str] = DEFAULT_PREEMPT) -> None:
     """Route the preemption signals and SIGINT to the stop request. Idempotent."""
-    handled = parse(preempt)
-    for signum in handled:
-        signal.signal(signum, _on_preempt)
-    signal.signal(signal.SIGINT, _on_interrupt)
-    unblock([*handled, signal.SIGINT])
+    route(parse(preempt), _on_preempt)
+    route([signal.SIGINT], _on_interrupt)
 
 
-def unblock(signums: Iterable[int]) -> None:
-    """Let ``signums`` reach their handlers. A signal mask survives fork and exec and
-    Python keeps the one it starts with: a launcher that blocked SIGUSR1 would leave
-    Slurm's warning pending until the kill at the time limit. A signal that arrived while
-    blocked is delivered now."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signums))
+def route(signums: Iterable[int], handler) -> None:
+    """Send ``signums`` to ``handler``, and let them through. A signal mask survives fork
+    and exec and Python keeps the one it starts with: a launcher that blocked SIGUSR1 would
+    leave Slurm's warning pending until the kill at the time limit. The handler is in place
+    first, so a signal that arrived while blocked reaches it now."""
+    signums = set(signums)
+    for signum in signums:
+        signal.signal(signum, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
 
 
 def _on_preempt(signum: int, frame) -> None:

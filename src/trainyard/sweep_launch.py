@@ -105,19 +105,17 @@ def start(
 def _already_queued(planned: list[Any], records: list[dict]) -> list[dict]:
     """The earlier submissions of trials that were not sent again because a job still has
     them (a driver that died and was relaunched): followed, not taken for finished."""
-    import json
+    import functools
 
-    from trainyard.rundir import RunDir
+    from trainyard.rundir import RunDir, read_json
     from trainyard.submit import SUBMISSION
 
     sent = {t for r in records for t in r["trials"]}
     found: dict[str, dict] = {}
-    histories: dict[Path, list[dict]] = {}  # a sweep's own file serves all of its trials
 
+    @functools.cache  # a sweep's own file serves all of its trials: read once
     def history(path: Path) -> list[dict]:
-        if path not in histories:
-            histories[path] = json.loads(path.read_text()) if path.exists() else []
-        return histories[path]
+        return read_json(path) if path.exists() else []
 
     for p in planned:
         trial = str(p.run_dir)

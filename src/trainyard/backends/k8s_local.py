@@ -92,9 +92,7 @@ class Runner:
             _signal(proc, signal.SIGTERM)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-        signals.unblock((signal.SIGTERM, signal.SIGINT))
+        signals.route((signal.SIGTERM, signal.SIGINT), self.stop)
         self.save()
         for index, trial in enumerate(self.spec["trials"]):
             if self.stopping:

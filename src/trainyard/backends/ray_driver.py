@@ -199,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     task = ray.remote(max_calls=1 if args.gpus else 0)(run_trial)
     cap = args.max_concurrent or len(trials)
     driver = Driver(task, options, trials, cap, args.max_requeues)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, driver.stop)
-    signals.unblock((signal.SIGTERM, signal.SIGINT))
+    signals.route((signal.SIGTERM, signal.SIGINT), driver.stop)
     code = driver.run()
     done = sum(o["state"] == "completed" for o in driver.outcomes.values())
     print(f"trainyard: {done}/{len(trials)} trial(s) completed in "

@@ -32,6 +32,45 @@ def test_train_loss_reaches_the_logger_once_per_window(tmp_path):
     assert all(0 < float(r["train/loss"]) < 5 for r in rows if r.get("train/loss"))
 
 
+class _StepLosses(pl.Callback):
+    def __init__(self):
+        self.by_epoch: dict[int, list[float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.by_epoch.setdefault(trainer.current_epoch, []).append(float(outputs["loss"]))
+
+
+def test_the_epoch_loss_is_the_mean_of_that_epochs_steps_when_windows_span_epochs(tmp_path):
+    logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
+    losses = _StepLosses()
+    task = _task()
+    trainer = quiet_trainer(max_epochs=3, log_every_n_steps=5, logger=logger, callbacks=[losses])
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=256))
+    with open(tmp_path / "metrics.csv") as f:
+        logged = {
+            int(r["epoch"]): float(r["train/loss_epoch"])
+            for r in csv.DictReader(f)
+            if r.get("train/loss_epoch")
+        }
+    [per_epoch] = {len(v) for v in losses.by_epoch.values()}
+    assert sorted(logged) == [0, 1, 2] and per_epoch % 5  # so a window spans two epochs
+    for epoch, steps in losses.by_epoch.items():
+        assert logged[epoch] == pytest.approx(sum(steps) / len(steps), rel=1e-6), epoch
+    assert task.epoch_train_loss() is None  # the epoch's sum was handed on and cleared
+
+
+def test_a_resumed_rank_keeps_its_epoch_loss_from_either_kind_of_saved_state():
+    # written before losses were counted a window at a time: the sum holds the window
+    older = _task()
+    older.load_rank_state_dict({"epoch_loss": (6.0, 3), "loss_window": [1.0, 2.0]})
+    assert older.epoch_train_loss() == 2.0
+    # now: the window's losses after window_counted are not in the sum yet
+    task = _task()
+    state = {"epoch_loss": (3.0, 1), "loss_window": [3.0, 1.0, 2.0], "window_counted": 1}
+    task.load_rank_state_dict(state)
+    assert task.epoch_train_loss() == 2.0 and task.rank_state_dict() == state
+
+
 def test_weight_decay_spares_biases_and_norm_scales():
     groups = _task()._param_groups()
     assert all(p.ndim > 1 for p in groups[0]["params"])

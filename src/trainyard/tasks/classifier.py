@@ -75,7 +75,10 @@ class Classifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._loss_window: list[torch.Tensor] = []  # detached losses since the last log
-        self._epoch_loss = [0.0, 0]  # sum and count this epoch, for train/loss_epoch
+        # sum and count this epoch, for train/loss_epoch: added a window at a time, so a
+        # step launches no kernel for it; the window's first _counted losses are in it
+        self._epoch_loss = [0.0, 0]
+        self._counted = 0
         self.last_train_loss: float | None = None  # last logging window's mean (progress)
 
     def __setattr__(self, name: str, value) -> None:
@@ -160,6 +163,7 @@ class Classifier(pl.LightningModule):
         self._step_scheduler = scheduler if isinstance(scheduler, _STEPWISE) else None
 
     def on_train_epoch_end(self) -> None:
+        self._count_window()
         total, count = self._epoch_loss
         if count:
             self.log("train/loss_epoch", total / count, sync_dist=True)
@@ -172,6 +176,9 @@ class Classifier(pl.LightningModule):
         """This rank's mean training loss so far this epoch (for the progress lines, which
         run before on_train_epoch_end logs train/loss_epoch)."""
         total, count = self._epoch_loss
+        fresh = self._loss_window[self._counted :]
+        if fresh:
+            total, count = total + torch.stack(fresh).sum(), count + len(fresh)
         return float(total) / count if count else None
 
     def rank_state_dict(self) -> dict:
@@ -181,6 +188,7 @@ class Classifier(pl.LightningModule):
         return {
             "epoch_loss": (float(total), count),
             "loss_window": [float(x) for x in self._loss_window],
+            "window_counted": self._counted,
         }
 
     def load_rank_state_dict(self, state: dict) -> None:
@@ -188,6 +196,16 @@ class Classifier(pl.LightningModule):
         device = self.device
         self._epoch_loss[:] = [torch.tensor(total, device=device) if count else 0.0, count]
         self._loss_window[:] = [torch.tensor(x, device=device) for x in state["loss_window"]]
+        # saved before windows were counted a window at a time: its sum has them all
+        self._counted = state.get("window_counted", len(self._loss_window))
+
+    def _count_window(self) -> None:
+        """Add the window's losses not yet counted to this epoch's sum."""
+        fresh = self._loss_window[self._counted :]
+        if fresh:
+            self._epoch_loss[0] = self._epoch_loss[0] + torch.stack(fresh).sum()
+            self._epoch_loss[1] += len(fresh)
+        self._counted = len(self._loss_window)
 
     def _record_train_loss(self, loss: torch.Tensor) -> None:
         """Write the mean loss of each logging window straight to the loggers.
@@ -196,14 +214,13 @@ class Classifier(pl.LightningModule):
         result collection, and its rebuild on every batch end once a key exists); the
         loggers only keep every ``log_every_n_steps``-th value anyway.
         """
-        loss = loss.detach()
-        self._epoch_loss[0] = self._epoch_loss[0] + loss
-        self._epoch_loss[1] += 1
-        self._loss_window.append(loss)
+        self._loss_window.append(loss.detach())
         if len(self._loss_window) < self.trainer.log_every_n_steps:
             return
+        self._count_window()
         mean = torch.stack(self._loss_window).mean()
         self._loss_window.clear()
+        self._counted = 0
         if self.trainer.is_global_zero:
             self.last_train_loss = mean.item()
             # with its epoch, as Lightning logs self.log values (metrics.csv's epoch column)

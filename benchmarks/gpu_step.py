@@ -23,8 +23,14 @@ run. Goals (issue 10): trainyard <= 1.00x plain in every case, and <= 1.10x plai
 Exits 0 with a message where no GPU is visible. ``--device cpu`` runs the same code on the
 CPU, to check the script itself on a machine without a GPU (its timings say nothing).
 
+``--profile N`` then runs each variant once more under torch's profiler for N steps and
+prints, per step, the tensor operations dispatched, the GPU kernels and copies, the host's
+waits on the GPU and the GPU's busy time (busy / step time near 1: the GPU sets the pace;
+far below: the host does), and the operations trainyard runs beyond the loop it is closest
+to (benchmarks/_profile.py).
+
 Usage: python benchmarks/gpu_step.py [--repeats 2] [--steps 200] [--cases resnet256,...]
-                                    [--variants plain,trainyard,...]
+                                    [--variants plain,trainyard,...] [--profile 20]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import step_overhead as cpu_bench
 import torch
 from _common import report
 from _loops import dataloader_loop, indexed_loop
+from _profile import ProfiledTimer, op_difference
 
 IMAGES = ["data.shape=[3,32,32]"]
 CASES = {
@@ -54,29 +61,38 @@ VARIANTS = (
 )  # fmt: skip
 
 
-def run_variant(name: str, cfg, root: Path) -> float:
+def run_variant(name: str, cfg, root: Path, timer=None) -> float:
     if name == "plain":
-        return cpu_bench.run_plain(cfg, dataloader_loop)
+        return cpu_bench.run_plain(cfg, dataloader_loop, timer=timer)
     if name == "plain-on-gpu":
-        return cpu_bench.run_plain(cfg, indexed_loop)
+        return cpu_bench.run_plain(cfg, indexed_loop, timer=timer)
     if name == "plain-on-gpu-fused":
-        return cpu_bench.run_plain(cfg, indexed_loop, fused=True)
+        return cpu_bench.run_plain(cfg, indexed_loop, fused=True, timer=timer)
     if name == "lightning-bare":
         with cpu_bench.stock_lightning():
-            return cpu_bench.run_lightning_bare(cfg)
+            return cpu_bench.run_lightning_bare(cfg, timer=timer)
     if name == "trainyard-compile":
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.merge(cfg, {"trainer": {"compile": True}})
-    return cpu_bench.run_trainyard(cfg, extras=True, root=root)
+    return cpu_bench.run_trainyard(cfg, extras=True, root=root, timer=timer)
 
 
-def measure(case: str, repeats: int, steps: int, device: str, variants: tuple[str, ...]) -> None:
+def _compose(case: str, device: str, steps: int, root: Path):
     on_cpu = ["trainer.accelerator=cpu"] if device == "cpu" else []
+    return cpu_bench.compose([*CASES[case], "trainer=gpu", *on_cpu], root, steps)
+
+
+def measure(
+    case: str, repeats: int, steps: int, device: str, variants: tuple[str, ...]
+) -> dict[str, float]:
+    """Report the per-step times; returns each variant's median."""
+    if not repeats:
+        return {}
     results: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = cpu_bench.compose([*CASES[case], "trainer=gpu", *on_cpu], Path(tmp), steps)
+            cfg = _compose(case, device, steps, Path(tmp))
             shift = rep % len(variants)  # rotate the order so no variant always goes first
             for name in variants[shift:] + variants[:shift]:
                 results[name].append(run_variant(name, cfg, Path(tmp)))
@@ -95,6 +111,26 @@ def measure(case: str, repeats: int, steps: int, device: str, variants: tuple[st
             extra = 1e6 * (step["trainyard"] - step["plain-on-gpu-fused"])
             rows.append(("trainyard - plain-on-gpu-fused [us/step]", extra, ""))
         report(f"{case} on {device}: per-step time, {label} of {repeats} runs x {steps}", rows)
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def profile(case: str, steps: int, device: str, variants: tuple[str, ...], median: dict) -> None:
+    """Profile ``steps`` steps of each variant (one run each, after the timed ones): work
+    launched, waits on the GPU and GPU busy time per step, and trainyard's operations
+    against the loop it is closest to."""
+    rows, found = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose(case, device, steps, Path(tmp))
+        for name in variants:
+            timer = ProfiledTimer(steps)
+            run_variant(name, cfg, Path(tmp), timer=timer)
+            found[name] = timer.result
+            rows += timer.result.rows(name, 1e3 * median.get(name, 0.0))
+    report(f"{case} on {device}: profile of {steps} steps, per step", rows)
+    reference = next((n for n in ("plain-on-gpu-fused", "plain-on-gpu") if n in found), None)
+    if reference and "trainyard" in found:
+        extra = op_difference(found["trainyard"], found[reference])
+        print(f"  aten ops per step, trainyard minus {reference}: {extra or 'none'}")
 
 
 def main() -> int:
@@ -104,6 +140,10 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="plain first")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS",
+        help="then profile STEPS steps of each variant (0: no profile; --repeats 0: only it)",
+    )  # fmt: skip
     args = parser.parse_args()
     variants = tuple(args.variants.split(","))
     if variants[0] != "plain" or not set(variants) <= set(VARIANTS) or "trainyard" not in variants:
@@ -121,8 +161,12 @@ def main() -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     if args.device == "cuda":
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    if args.profile > args.steps:
+        parser.error("--profile: at most --steps steps")
     for case in args.cases.split(","):
-        measure(case, args.repeats, args.steps, args.device, variants)
+        median = measure(case, args.repeats, args.steps, args.device, variants)
+        if args.profile:
+            profile(case, args.profile, args.device, variants, median)
     return 0
 
 

@@ -129,13 +129,14 @@ def machine(cfg) -> tuple[torch.device, torch.dtype | None]:
     return device, torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") else None
 
 
-def run_plain(cfg, loop, fused: bool = False) -> float:
+def run_plain(cfg, loop, fused: bool = False, timer: Timer | None = None) -> float:
+    """The median step of ``loop``; ``timer``: one of the benchmarks' own (a profiling one)."""
     # a hand-written loop runs without Lightning, so without the NVML setting it imports
     with environment(**{NVML: None}):
-        return _run_plain(cfg, loop, fused)
+        return _run_plain(cfg, loop, fused, timer or Timer())
 
 
-def _run_plain(cfg, loop, fused: bool) -> float:
+def _run_plain(cfg, loop, fused: bool, timer: Timer) -> float:
     from hydra.utils import instantiate
 
     data = instantiate(cfg.data)
@@ -151,7 +152,6 @@ def _run_plain(cfg, loop, fused: bool) -> float:
     optimizer = task.optimizer_factory(params=task._param_groups(), **kernel)
     x, y = whole_batches(data)
     device, dtype = machine(cfg)
-    timer = Timer()
     loop(task.net.to(device), task.loss_fn, optimizer, x, y, data.batch_size, timer, device, dtype)
     return timer.median_step()
 
@@ -175,7 +175,7 @@ def _timer_callback(timer: Timer):
     return Tick()
 
 
-def run_lightning_bare(cfg) -> float:
+def run_lightning_bare(cfg, timer: Timer | None = None) -> float:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
@@ -195,7 +195,7 @@ def run_lightning_bare(cfg) -> float:
         def configure_optimizers(self):
             return factory(params=self.parameters())
 
-    timer = Timer()
+    timer = timer or Timer()
     trainer = pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
@@ -216,7 +216,7 @@ def _standard_loader(data, gpu: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=data.batch_size, shuffle=True, pin_memory=gpu)
 
 
-def run_trainyard(cfg, extras: bool, root: Path) -> float:
+def run_trainyard(cfg, extras: bool, root: Path, timer: Timer | None = None) -> float:
     from omegaconf import OmegaConf
 
     from trainyard import preflight
@@ -231,7 +231,7 @@ def run_trainyard(cfg, extras: bool, root: Path) -> float:
     run = RunDir(Path(frozen.paths.run_dir))
     prepare_process()
     datamodule, task, trainer = build(frozen, run, frozen.trainer.accelerator, 1)
-    timer = Timer()
+    timer = timer or Timer()
     trainer.callbacks.append(_timer_callback(timer))
     trainer.fit(task, datamodule=datamodule)
     return timer.median_step()

@@ -27,14 +27,14 @@ class StepProfile:
 
     steps: int
     ops: Counter = field(default_factory=Counter)  # aten operations by name, nested included
-    kernels: float = 0.0  # GPU kernels and copies run
+    kernels: float = 0.0  # GPU kernels, copies and memsets run
     waits: float = 0.0  # host calls that block on the GPU
-    gpu_ms: float = 0.0  # time the GPU spent running them
+    gpu_ms: float = 0.0  # time the GPU was running any of them (overlaps counted once)
 
     def rows(self, name: str, step_ms: float) -> list[tuple[str, float, str]]:
         rows = [
             (f"{name}: aten ops / step", sum(self.ops.values()) / self.steps, ""),
-            (f"{name}: GPU kernels and copies / step", self.kernels, ""),
+            (f"{name}: GPU kernels, copies, memsets / step", self.kernels, ""),
             (f"{name}: waits on the GPU / step", self.waits, ""),
             (f"{name}: GPU busy [ms/step]", self.gpu_ms, ""),
         ]
@@ -44,11 +44,12 @@ class StepProfile:
 
 
 class ProfiledTimer(Timer):
-    """Ticks like :class:`Timer`; profiles the ``steps`` steps after warm-up."""
+    """Ticks like :class:`Timer`; profiles the ``steps`` steps after warm-up (with the
+    GPU's activity when ``cuda``)."""
 
-    def __init__(self, steps: int, warmup: int = WARMUP):
+    def __init__(self, steps: int, cuda: bool, warmup: int = WARMUP):
         super().__init__(warmup)
-        self.steps = steps
+        self.steps, self.cuda = steps, cuda
         self.result: StepProfile | None = None
         self._profiler: torch.profiler.profile | None = None
 
@@ -57,32 +58,50 @@ class ProfiledTimer(Timer):
         ticks = len(self.stamps)
         if ticks == self.warmup + 1:
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
+            if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.start()
         elif ticks == self.warmup + 1 + self.steps and self._profiler is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the last step's kernels, into the trace
+            if self.cuda:
+                # the last step's kernels, into the trace; this wait is the profile's own
+                torch.cuda.synchronize()
             self._profiler.stop()
-            self.result = summarize(self._profiler.events(), self.steps)
+            self.result = summarize(self._profiler.events(), self.steps, own_waits=int(self.cuda))
             self._profiler = None
 
 
-def summarize(events, steps: int) -> StepProfile:
+def summarize(events, steps: int, own_waits: int = 0) -> StepProfile:
+    """``own_waits``: synchronisations the profiling itself made, left out."""
     profile = StepProfile(steps)
+    busy: list[tuple[float, float]] = []
+    waits = 0
     for event in events:
         if event.device_type == DeviceType.CUDA:
+            # a record_function range (an optimizer's step) mirrored on the GPU's timeline
+            # spans kernels and the gaps between them: not work of its own
+            if getattr(event, "is_user_annotation", False):
+                continue
             profile.kernels += 1
-            profile.gpu_ms += event.time_range.elapsed_us() / 1e3
+            busy.append((event.time_range.start, event.time_range.end))
         elif event.name.startswith("aten::"):
             profile.ops[event.name] += 1
         elif event.name in _WAITS:
-            profile.waits += 1
+            waits += 1
     profile.kernels /= steps
-    profile.waits /= steps
-    profile.gpu_ms /= steps
+    profile.waits = max(0, waits - own_waits) / steps
+    profile.gpu_ms = _union_us(busy) / 1e3 / steps
     return profile
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """The time covered by ``intervals`` (kernels on several streams overlap)."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
 
 
 def op_difference(ours: StepProfile, theirs: StepProfile) -> dict[str, float]:

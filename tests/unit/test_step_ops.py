@@ -1,7 +1,8 @@
-"""A training step of trainyard runs the tensor operations of the hand-written loop, and no
-more. On a GPU each operation is a kernel launch, and for small models the launches, not
-the arithmetic, set the pace of a step (issue 10): an extra one per step is a visible cost
-there. Counted on the CPU with torch's dispatcher, which sees every operation."""
+"""A training step of trainyard runs the tensor operations of the hand-written loop that
+launch work, and no more. On a GPU each is a kernel launch, and for small models the
+launches, not the arithmetic, set the pace of a step (issue 10): an extra one per step is a
+visible cost there. Counted on the CPU with torch's dispatcher, which sees every operation;
+views (``detach``) launch nothing and are left out."""
 
 import contextlib
 from collections import Counter
@@ -40,11 +41,19 @@ class _OneStep(Callback):
 
     def __init__(self):
         self.mode = _Ops()
+        self.counting = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == COUNTED_STEP:
             self.mode.__enter__()
+            self.counting = True
         elif batch_idx == COUNTED_STEP + 1:
+            self.leave()
+
+    def leave(self) -> None:
+        """Stop counting (also where training failed in between: the mode is global)."""
+        if self.counting:
+            self.counting = False
             self.mode.__exit__(None, None, None)
 
 
@@ -54,7 +63,10 @@ def _trainyard_step(cfg, tmp_path: Path) -> tuple[Counter, object, object]:
     datamodule, task, trainer = build(frozen, RunDir(tmp_path / "run"), "cpu", 1)
     counter = _OneStep()
     trainer.callbacks.append(counter)
-    trainer.fit(task, datamodule=datamodule)
+    try:
+        trainer.fit(task, datamodule=datamodule)
+    finally:
+        counter.leave()
     return counter.mode.ops, datamodule, task
 
 

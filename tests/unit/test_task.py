@@ -68,7 +68,33 @@ def test_a_resumed_rank_keeps_its_epoch_loss_from_either_kind_of_saved_state():
     task = _task()
     state = {"epoch_loss": (3.0, 1), "loss_window": [3.0, 1.0, 2.0], "window_counted": 1}
     task.load_rank_state_dict(state)
-    assert task.epoch_train_loss() == 2.0 and task.rank_state_dict() == state
+    assert task.epoch_train_loss() == 2.0
+    dtypes = {"epoch_loss": "float32", "loss_window": "float32"}
+    assert task.rank_state_dict() == {**state, "dtypes": dtypes}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_resumed_rank_adds_its_losses_in_the_precision_it_trained_in(dtype):
+    # bf16-true and 64-true losses: restored as float32, a resumed run would add
+    # differently rounded values than one never stopped
+    task = _task()
+    task._loss_window[:] = [torch.tensor(x, dtype=dtype) for x in (2.3046875, 1.1)]
+    task._count_window()
+    task._loss_window.append(torch.tensor(0.7, dtype=dtype))
+    resumed = _task()
+    resumed.load_rank_state_dict(task.rank_state_dict())
+    pairs = zip(resumed._loss_window, task._loss_window, strict=True)
+    for ours, theirs in [(resumed._epoch_loss[0], task._epoch_loss[0]), *pairs]:
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    assert resumed.epoch_train_loss() == task.epoch_train_loss()
+    # the epoch's sum is kept in at least float32 (a bf16 sum would round each new loss)
+    assert task._epoch_loss[0].dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_a_saved_loss_state_naming_no_dtype_is_refused():
+    state = {"epoch_loss": (1.0, 1), "loss_window": [], "dtypes": {"epoch_loss": "load"}}
+    with pytest.raises(ValueError, match="names no torch dtype: 'load'"):
+        _task().load_rank_state_dict(state)
 
 
 def test_weight_decay_spares_biases_and_norm_scales():

@@ -178,33 +178,49 @@ class Classifier(pl.LightningModule):
         total, count = self._epoch_loss
         fresh = self._loss_window[self._counted :]
         if fresh:
-            total, count = total + torch.stack(fresh).sum(), count + len(fresh)
+            total, count = total + _sum(torch.stack(fresh)), count + len(fresh)
         return float(total) / count if count else None
 
     def rank_state_dict(self) -> dict:
         """This rank's running loss sums: a resumed epoch reports the same mean loss.
         (Saved per rank by trainyard.callbacks.resume.ResumeCheckpoint.)"""
         total, count = self._epoch_loss
+        window = self._loss_window
         return {
             "epoch_loss": (float(total), count),
-            "loss_window": [float(x) for x in self._loss_window],
+            "loss_window": [float(x) for x in window],
             "window_counted": self._counted,
+            # each value is exact as a float; restored in its own dtype (bf16-true,
+            # 64-true), a resumed run adds exactly what an unstopped one would
+            "dtypes": {
+                "epoch_loss": _dtype_name(total),
+                "loss_window": _dtype_name(window[0]) if window else None,
+            },
         }
 
     def load_rank_state_dict(self, state: dict) -> None:
         total, count = state["epoch_loss"]
+        dtypes = state.get("dtypes") or {}  # saved before dtypes were: float32
         device = self.device
-        self._epoch_loss[:] = [torch.tensor(total, device=device) if count else 0.0, count]
-        self._loss_window[:] = [torch.tensor(x, device=device) for x in state["loss_window"]]
+        total_as, window_as = _dtype(dtypes.get("epoch_loss")), _dtype(dtypes.get("loss_window"))
+        self._epoch_loss[:] = [
+            torch.tensor(total, dtype=total_as, device=device) if count else 0.0,
+            count,
+        ]
+        self._loss_window[:] = [
+            torch.tensor(x, dtype=window_as, device=device) for x in state["loss_window"]
+        ]
         # saved before windows were counted a window at a time: its sum has them all
         self._counted = state.get("window_counted", len(self._loss_window))
 
-    def _count_window(self) -> None:
-        """Add the window's losses not yet counted to this epoch's sum."""
-        fresh = self._loss_window[self._counted :]
-        if fresh:
-            self._epoch_loss[0] = self._epoch_loss[0] + torch.stack(fresh).sum()
-            self._epoch_loss[1] += len(fresh)
+    def _count_window(self, stacked: torch.Tensor | None = None) -> None:
+        """Add the window's losses not yet counted to this epoch's sum (``stacked``: the
+        window already stacked)."""
+        if self._counted < len(self._loss_window):
+            if stacked is None:
+                stacked = torch.stack(self._loss_window)
+            self._epoch_loss[0] = self._epoch_loss[0] + _sum(stacked[self._counted :])
+            self._epoch_loss[1] += len(self._loss_window) - self._counted
         self._counted = len(self._loss_window)
 
     def _record_train_loss(self, loss: torch.Tensor) -> None:
@@ -217,8 +233,9 @@ class Classifier(pl.LightningModule):
         self._loss_window.append(loss.detach())
         if len(self._loss_window) < self.trainer.log_every_n_steps:
             return
-        self._count_window()
-        mean = torch.stack(self._loss_window).mean()
+        window = torch.stack(self._loss_window)
+        self._count_window(window)
+        mean = window.mean()
         self._loss_window.clear()
         self._counted = 0
         if self.trainer.is_global_zero:
@@ -336,6 +353,23 @@ def _fusable(factory, params: list[torch.Tensor], net: nn.Module) -> bool:
         p.is_floating_point() and p.layout == torch.strided and p.device.type in ("cpu", "cuda")
         for p in params
     )
+
+
+def _sum(losses: torch.Tensor) -> torch.Tensor:
+    """A sum of losses in at least float32: a bf16 sum of an epoch's losses (bf16-true)
+    would round away most of each later step's loss."""
+    return losses.sum(dtype=torch.promote_types(losses.dtype, torch.float32))
+
+
+def _dtype_name(value) -> str | None:
+    return str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else None
+
+
+def _dtype(name: str | None) -> torch.dtype:
+    dtype = getattr(torch, name, None) if name else torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"the saved training-loss state names no torch dtype: {name!r}")
+    return dtype
 
 
 def _built(value, name: str):

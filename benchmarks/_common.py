@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -27,8 +28,29 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
 
 
+RATIOS = "a / b: a's time over b's, below 1 is faster"
+
+
 def report(title: str, rows: list[tuple[str, float, str]]) -> None:
     """rows: (label, value, target) printed as an aligned table."""
     print(f"\n== {title}")
     for label, value, target in rows:
-        print(f"  {label:<58} {value:8.3f}   {target}")
+        print(f"  {label:<60} {value:8.3f}   {target}")
+
+
+def goal(value: float, limit: float) -> str:
+    """The target column: the limit and whether this run met it."""
+    return f"target <= {limit:.2f}: {'met' if value <= limit else 'NOT met'}"
+
+
+def pickers(repeats: int) -> list[tuple[str, object]]:
+    """The median run (typical) and, with several, the best (least disturbed by other work
+    on the machine)."""
+    return [("median", statistics.median)] + ([("best", min)] if repeats > 1 else [])
+
+
+def command_line(doc: str) -> argparse.ArgumentParser:
+    """A command line whose --help shows the script's docstring (what each variant is)."""
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )

@@ -31,9 +31,11 @@ class StepProfile:
     waits: float = 0.0  # host calls that block on the GPU
     gpu_ms: float = 0.0  # time the GPU was running any of them (overlaps counted once)
 
-    def rows(self, name: str, step_ms: float) -> list[tuple[str, float, str]]:
-        rows = [
-            (f"{name}: aten ops / step", sum(self.ops.values()) / self.steps, ""),
+    def rows(self, name: str, step_ms: float, gpu: bool) -> list[tuple[str, float, str]]:
+        rows = [(f"{name}: aten ops / step", sum(self.ops.values()) / self.steps, "")]
+        if not gpu:
+            return rows
+        rows += [
             (f"{name}: GPU kernels, copies, memsets / step", self.kernels, ""),
             (f"{name}: waits on the GPU / step", self.waits, ""),
             (f"{name}: GPU busy [ms/step]", self.gpu_ms, ""),

@@ -35,7 +35,6 @@ Usage: python benchmarks/gpu_step.py [--repeats 2] [--steps 200] [--cases resnet
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import step_overhead as cpu_bench
 import torch
-from _common import report
+from _common import RATIOS, command_line, goal, pickers, report
 from _loops import dataloader_loop, indexed_loop
 from _profile import ProfiledTimer, op_difference
 
@@ -96,21 +95,24 @@ def measure(
             shift = rep % len(variants)  # rotate the order so no variant always goes first
             for name in variants[shift:] + variants[:shift]:
                 results[name].append(run_variant(name, cfg, Path(tmp)))
-    for label, pick in (("median", statistics.median), ("best", min)):
+    for label, pick in pickers(repeats):
         step = {name: pick(values) for name, values in results.items()}
         rows = [(f"{name} [ms/step]", 1e3 * value, "") for name, value in step.items()]
         for name in variants[1:]:
-            goal = "target <= 1.00" if name == "trainyard" else "reference"
-            rows.append((f"{name} / plain", step[name] / step["plain"], goal))
+            ratio = step[name] / step["plain"]
+            rows.append(
+                (f"{name} / plain", ratio, goal(ratio, 1.00) if name == "trainyard" else "")
+            )
         if "plain-on-gpu" in step:
             on_gpu = step["trainyard"] / step["plain-on-gpu"]
-            rows.append(("trainyard / plain-on-gpu", on_gpu, "target <= 1.10"))
+            rows.append(("trainyard / plain-on-gpu", on_gpu, goal(on_gpu, 1.10)))
         if "plain-on-gpu-fused" in step:
             own = step["trainyard"] / step["plain-on-gpu-fused"]
-            rows.append(("trainyard / plain-on-gpu-fused (own overhead)", own, ""))
+            rows.append(("trainyard / plain-on-gpu-fused (trainyard and Lightning)", own, ""))
             extra = 1e6 * (step["trainyard"] - step["plain-on-gpu-fused"])
             rows.append(("trainyard - plain-on-gpu-fused [us/step]", extra, ""))
-        report(f"{case} on {device}: per-step time, {label} of {repeats} runs x {steps}", rows)
+        title = f"{case} on {device}: per-step time, {label} of {repeats} runs x {steps}"
+        report(f"{title} ({RATIOS})", rows)
     return {name: statistics.median(values) for name, values in results.items()}
 
 
@@ -125,21 +127,29 @@ def profile(case: str, steps: int, device: str, variants: tuple[str, ...], media
             timer = ProfiledTimer(steps, cuda=device == "cuda")
             run_variant(name, cfg, Path(tmp), timer=timer)
             found[name] = timer.result
-            rows += timer.result.rows(name, 1e3 * median.get(name, 0.0))
+            rows += timer.result.rows(name, 1e3 * median.get(name, 0.0), gpu=device == "cuda")
     report(f"{case} on {device}: profile of {steps} steps, per step", rows)
     reference = next((n for n in ("plain-on-gpu-fused", "plain-on-gpu") if n in found), None)
     if reference and "trainyard" in found:
         extra = op_difference(found["trainyard"], found[reference])
-        print(f"  aten ops per step, trainyard minus {reference}: {extra or 'none'}")
+        shown = ", ".join(f"{op} {n:+g}" for op, n in extra.items()) or "none"
+        print(f"  aten ops per step, trainyard against {reference}: {shown}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="plain first")
+    parser = command_line(__doc__)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per case")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per run")
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}"
+    )
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda",
+        help="cpu: check this script on a machine without a GPU (its timings say nothing)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated, plain first"
+    )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="STEPS",
         help="then profile STEPS steps of each variant (0: no profile; --repeats 0: only it)",
@@ -161,6 +171,8 @@ def main() -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     if args.device == "cuda":
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    else:
+        print("--device cpu: a check of this script; its timings say nothing about a GPU")
     for case in args.cases.split(","):
         median = measure(case, args.repeats, args.steps, args.device, variants)
         if args.profile:

@@ -34,7 +34,9 @@ class StopRequest:
 
     def error(self, where: str) -> Stopped:
         cls = Interrupted if self.reason == "interrupted" else Preempted
-        return cls(f"{self.signal} received: stopped {where}")
+        # a requeued job resumes by itself; by hand, the same command is all it takes
+        again = "running the same command again resumes from there"
+        return cls(f"{self.signal} received: stopped {where}; {again}")
 
 
 _request: StopRequest | None = None

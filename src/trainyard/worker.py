@@ -104,10 +104,14 @@ def prepare_process() -> None:
 
 
 def _digest(named_tensors) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(named_tensors):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # the raw bytes, in any dtype (numpy has no bfloat16: a bf16-true run ended here)
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -256,6 +260,10 @@ def build(cfg: DictConfig, run: RunDir, accelerator: str, devices: int) -> tuple
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     own_signals(trainer)
+    # in the dtype the precision trains in (64-true, bf16-true) before anything loads into
+    # it: Lightning restores a checkpoint before its precision converts the module, which
+    # rounded 64-true weights through float32 on every resume
+    trainer.precision_plugin.convert_module(task)
     return datamodule, task, trainer
 
 
@@ -543,6 +551,7 @@ def run_rank_code(config_path: str) -> int:
         code = exc.exit_code
         if rank == 0:
             print(f"trainyard: {exc.render()}", file=sys.stderr)
+            note_in_train_log(run, exc.render())
     except InterruptNow:
         code = EXIT_INTERRUPTED
     except TrialBusy as exc:  # someone else's attempt: record nothing in its directory
@@ -556,6 +565,13 @@ def run_rank_code(config_path: str) -> int:
         traceback.print_exc()
         _failed(run, rank, type(exc).__name__, f"{type(exc).__name__}: {exc}", code)
     return code
+
+
+def note_in_train_log(run: RunDir, message: str) -> None:
+    """The last line of train.log, where a run's epochs are (its handler is gone by now)."""
+    record = logging.LogRecord("trainyard", logging.INFO, __file__, 0, message, None, None)
+    with contextlib.suppress(OSError), open(run.root / "train.log", "a") as log:
+        log.write(logging.Formatter(_LOG_FORMAT).format(record) + "\n")
 
 
 def _failed(run: RunDir, rank: int, kind: str, message: str, code: int) -> None:

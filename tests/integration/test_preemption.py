@@ -2,6 +2,7 @@
 step, the trial is marked preempted (exit 75) or interrupted (exit 130), and running it
 again resumes to final weights bit-identical to a run that was never stopped."""
 
+import csv
 import json
 import os
 import signal
@@ -38,11 +39,23 @@ def _final(run: Path) -> tuple[list[str], dict]:
     return [r["full_state"] for r in ranks], metrics
 
 
-def _reference(tmp_path, extra: list[str]) -> tuple[str, dict]:
+def _epoch_losses(run: Path) -> dict[str, str]:
+    """train/loss_epoch of every epoch, from all the attempts' metrics.csv together."""
+    found: dict[str, str] = {}
+    for path in sorted((run / "logs").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss_epoch"):
+                    assert row["epoch"] not in found, f"epoch {row['epoch']} logged twice"
+                    found[row["epoch"]] = row["train/loss_epoch"]
+    return found
+
+
+def _reference(tmp_path, extra: list[str]) -> tuple[tuple, dict]:
     out = train_cli([*BASE, *extra, "name=ref"], tmp_path, env=ENV)
     assert out.returncode == 0, out.stderr
     [run] = [r for r in run_dirs(tmp_path) if "/ref/" in str(r)]
-    return _final(run)
+    return _final(run), _epoch_losses(run)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +68,11 @@ def _reference(tmp_path, extra: list[str]) -> tuple[str, dict]:
             ["+callbacks.sig.batch=7"],  # between two optimizer steps
             id="one-device-accumulating",
         ),
+        # a checkpoint's weights in the dtype they trained in, restored without rounding
+        pytest.param(["trainer.precision=64-true"], ["+callbacks.sig.step=30"], id="64-true"),
+        pytest.param(
+            ["trainer.precision=bf16-true"], ["+callbacks.sig.epoch=1"], id="bf16-true-epoch"
+        ),
         pytest.param(
             DDP, ["+callbacks.sig.step=25", "+callbacks.sig.target=parent"], id="ddp-mid-epoch"
         ),
@@ -64,7 +82,7 @@ def _reference(tmp_path, extra: list[str]) -> tuple[str, dict]:
     ],
 )
 def test_stopped_and_resumed_run_ends_bit_identical(tmp_path, extra, stop_at):
-    reference = _reference(tmp_path, [*extra, SIG])
+    reference, reference_losses = _reference(tmp_path, [*extra, SIG])
     args = [*BASE, *extra, SIG, *stop_at, "name=stopped"]
 
     stopped = train_cli(args, tmp_path, env=ENV)
@@ -75,6 +93,9 @@ def test_stopped_and_resumed_run_ends_bit_identical(tmp_path, extra, stop_at):
     assert status["state"] == "preempted" and status["attempt"] == 1
     assert "SIGTERM" in status["history"][-1]["reason"]
     assert (run / "checkpoints" / "last.ckpt").exists() and not (run / "result.json").exists()
+    # the run's own log says why it ended, and how to go on
+    last_line = (run / "train.log").read_text().splitlines()[-1]
+    assert "SIGTERM received: stopped" in last_line and "same command again" in last_line
 
     resumed = train_cli(args, tmp_path, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
@@ -85,6 +106,8 @@ def test_stopped_and_resumed_run_ends_bit_identical(tmp_path, extra, stop_at):
         "created", "running", "preempted", "running", "completed",
     ]  # fmt: skip
     assert _final(run) == reference
+    # every epoch's mean training loss reached the logs once, as in the run never stopped
+    assert _epoch_losses(run) == reference_losses and len(reference_losses) == 3
 
 
 def _wait_running(tmp_path: Path, proc, timeout: float = 120) -> Path:

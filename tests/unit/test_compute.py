@@ -83,6 +83,26 @@ def test_a_compiled_network_trains_and_keeps_its_parameter_names(
     assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [("64-true", torch.float64), ("bf16-true", torch.bfloat16), ("32-true", torch.float32)],
+)
+def test_the_task_is_built_in_the_dtype_it_trains_in_and_hashes_in_it(
+    cfg_factory, tmp_path, precision, dtype
+):
+    # Lightning restores a checkpoint into the module before its precision converts it:
+    # built in float32, a 64-true resume was rounded through float32
+    small = ["data=synthetic", "data.shape=[16]", "model=mlp", "model.hidden=[8]"]
+    _, task, _ = _build(cfg_factory, tmp_path, *small, f"trainer.precision={precision}")
+    assert {p.dtype for p in task.parameters()} == {dtype}
+    # the digests a bit-identical resume is checked with read any dtype (numpy has no bf16)
+    before = worker.state_digest(task)
+    with torch.no_grad():
+        next(task.parameters()).view(-1)[0] += 1
+    assert worker.state_digest(task) != before
+    assert len(worker.weights_digest(task)) == 16
+
+
 def _advice_logged(caplog, emit) -> list[str]:
     worker.prepare_process()
     with caplog.at_level(logging.INFO):

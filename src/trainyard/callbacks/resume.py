@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pytorch_lightning.callbacks import Checkpoint
 
-from trainyard import signals
+from trainyard import lean, signals
 
 _REASONS = ("", "preempted", "interrupted")  # index = code all-reduced with MAX
 
@@ -55,6 +55,20 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def _log_epoch_metrics(trainer) -> None:
+    """Hand the epoch's logged values (train/loss_epoch) to the loggers, as Lightning's fit
+    loop does after the epoch-end hooks: a stop leaves the loop from inside them, and the
+    resumed run starts at the next epoch, so they would never be written. The same calls,
+    at the same step; every rank makes them (sync_dist values are reduced here)."""
+    if not lean.verified():  # Lightning internals, checked on one version
+        return
+    connector, loop = trainer._logger_connector, trainer.fit_loop.epoch_loop
+    connector.on_epoch_end()
+    loop._batches_that_stepped -= 1  # epoch values are logged at the epoch's last step
+    connector.update_train_epoch_metrics()
+    loop._batches_that_stepped += 1
 
 
 def _distributed(trainer) -> bool:
@@ -169,6 +183,7 @@ class ResumeCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
         if agreed_stop(trainer):
+            _log_epoch_metrics(trainer)
             where = f"after epoch {trainer.current_epoch + 1} (1-based), saved in {self.path}"
             signals.raise_if_requested(where, step=trainer.global_step)
 

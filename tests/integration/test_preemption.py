@@ -63,6 +63,9 @@ def _reference(tmp_path, extra: list[str]) -> tuple[tuple, dict]:
     [
         pytest.param([], ["+callbacks.sig.step=30"], id="one-device-mid-epoch"),
         pytest.param([], ["+callbacks.sig.epoch=1"], id="one-device-epoch-boundary"),
+        # the signal during the epoch's last step (21 batches an epoch): the stop waits for
+        # the epoch's end (validation, scheduler, epoch loss), which a resume would skip
+        pytest.param([], ["+callbacks.sig.step=21"], id="one-device-last-batch"),
         pytest.param(
             ["trainer.accumulate_grad_batches=3"],
             ["+callbacks.sig.batch=7"],  # between two optimizer steps

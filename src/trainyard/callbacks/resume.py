@@ -21,6 +21,7 @@ handling, which broadcasts a tensor on every step and from inside the signal han
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 from trainyard import lean, signals
+
+_log = logging.getLogger("trainyard")
 
 _REASONS = ("", "preempted", "interrupted")  # index = code all-reduced with MAX
 
@@ -67,8 +70,12 @@ def _log_epoch_metrics(trainer) -> None:
     connector, loop = trainer._logger_connector, trainer.fit_loop.epoch_loop
     connector.on_epoch_end()
     loop._batches_that_stepped -= 1  # epoch values are logged at the epoch's last step
-    connector.update_train_epoch_metrics()
-    loop._batches_that_stepped += 1
+    try:
+        connector.update_train_epoch_metrics()
+    except Exception as exc:  # a logger that fails now must not turn the stop into a failure
+        _log.warning("the epoch's metrics did not reach the loggers before the stop: %s", exc)
+    finally:
+        loop._batches_that_stepped += 1
 
 
 def _distributed(trainer) -> bool:
@@ -167,10 +174,16 @@ class ResumeCheckpoint(Checkpoint):
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The epoch's last batch: on_train_epoch_end checks, after validation and the
+        # epoch's bookkeeping. Stopped here, a resume would count the epoch as ended and
+        # skip all that (its validation, its train/loss_epoch, an epoch scheduler's step).
+        # The same on every rank, so the ranks still check at the same steps.
+        if trainer.is_last_batch:
+            return
         # only where an optimizer step just happened: gradients accumulated since the last
         # one are in no checkpoint
         accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
-        if (batch_idx + 1) % accumulate and not trainer.is_last_batch:
+        if (batch_idx + 1) % accumulate:
             return
         self._steps += 1
         if _distributed(trainer) and self._steps % self.check_every_n_steps:

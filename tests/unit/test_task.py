@@ -28,8 +28,23 @@ def test_train_loss_reaches_the_logger_once_per_window(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert steps == [5, 10, 15, 20]  # global_step after each window's last step
+    assert steps == [4, 9, 14, 19]  # each window's last step, counted from 0 as Lightning does
     assert all(0 < float(r["train/loss"]) < 5 for r in rows if r.get("train/loss"))
+
+
+def test_metrics_csv_rows_follow_the_steps_like_lightnings_own(tmp_path):
+    # Lightning stamps what self.log records (validation, epoch values) with the step's
+    # index from 0; the loss windows stamped with the count of steps came out of order
+    logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
+    trainer = quiet_trainer(max_epochs=2, log_every_n_steps=3, logger=logger, limit_val_batches=1.0)
+    trainer.fit(_task(), datamodule=DigitsDataModule(batch_size=256))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    assert any(r.get("val/acc") for r in rows) and any(r.get("train/loss") for r in rows)
+    assert steps == sorted(steps), steps
+    last_of_epoch_0 = {int(r["step"]) for r in rows if r.get("val/acc") and r["epoch"] == "0"}
+    assert last_of_epoch_0 == {trainer.num_training_batches - 1}
 
 
 class _StepLosses(pl.Callback):

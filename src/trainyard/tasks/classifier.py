@@ -240,10 +240,12 @@ class Classifier(pl.LightningModule):
         self._counted = 0
         if self.trainer.is_global_zero:
             self.last_train_loss = mean.item()
-            # with its epoch, as Lightning logs self.log values (metrics.csv's epoch column)
+            # with its epoch, as Lightning logs self.log values (metrics.csv's epoch column),
+            # and at the step's index from 0, as it stamps them (its rows stay in order)
             row = {"train/loss": self.last_train_loss, "epoch": self.current_epoch}
+            step = max(self.global_step - 1, 0)
             for logger in self.loggers:
-                logger.log_metrics(row, step=self.global_step)
+                logger.log_metrics(row, step=step)
 
     # -- evaluation -------------------------------------------------------------------
     def _eval_step(self, batch, split: str, metric: MulticlassAccuracy) -> None:

@@ -141,10 +141,6 @@ def _train(trial: Trial, nproc: int, preempt: list[str], where: Any = None) -> f
         if run.state not in ("preempted", "interrupted"):
             state = exc.state if isinstance(exc, Stopped) else "interrupted"
             run.transition(state, reason=getattr(exc, "message", "a second Ctrl-C"))
-        if isinstance(exc, Stopped) and nproc == 1 and where is None:  # rank 0 is this process
-            from trainyard.worker import note_in_train_log
-
-            note_in_train_log(run, exc.render())
         raise
     except TrainyardError as exc:
         if run.state != "failed":  # a rank may have recorded it already, with more detail

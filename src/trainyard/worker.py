@@ -394,7 +394,12 @@ def run_rank(config_path: str) -> float | None:
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     run.write_rank_info(rank, local_rank=local_rank, config_sha256=digest)
     with run_logging(run, rank):
-        return _run_rank(cfg, run, rank)
+        try:
+            return _run_rank(cfg, run, rank)
+        except Stopped as exc:
+            if rank == 0:  # however this rank was started: in-process, launched, srun
+                note_in_train_log(run, exc.render())
+            raise
 
 
 def _run_rank(cfg: DictConfig, run: RunDir, rank: int) -> float | None:
@@ -551,7 +556,6 @@ def run_rank_code(config_path: str) -> int:
         code = exc.exit_code
         if rank == 0:
             print(f"trainyard: {exc.render()}", file=sys.stderr)
-            note_in_train_log(run, exc.render())
     except InterruptNow:
         code = EXIT_INTERRUPTED
     except TrialBusy as exc:  # someone else's attempt: record nothing in its directory
@@ -568,7 +572,8 @@ def run_rank_code(config_path: str) -> int:
 
 
 def note_in_train_log(run: RunDir, message: str) -> None:
-    """The last line of train.log, where a run's epochs are (its handler is gone by now)."""
+    """A line at the end of train.log, where the run's epochs are, without a console copy
+    (whoever catches the stop prints it there)."""
     record = logging.LogRecord("trainyard", logging.INFO, __file__, 0, message, None, None)
     with contextlib.suppress(OSError), open(run.root / "train.log", "a") as log:
         log.write(logging.Formatter(_LOG_FORMAT).format(record) + "\n")

@@ -176,9 +176,9 @@ class Classifier(pl.LightningModule):
         """This rank's mean training loss so far this epoch (for the progress lines, which
         run before on_train_epoch_end logs train/loss_epoch)."""
         total, count = self._epoch_loss
-        fresh = self._loss_window[self._counted :]
-        if fresh:
-            total, count = total + _sum(torch.stack(fresh)), count + len(fresh)
+        fresh, n = self._uncounted()
+        if n:
+            total, count = total + fresh, count + n
         return float(total) / count if count else None
 
     def rank_state_dict(self) -> dict:
@@ -213,14 +213,22 @@ class Classifier(pl.LightningModule):
         # saved before windows were counted a window at a time: its sum has them all
         self._counted = state.get("window_counted", len(self._loss_window))
 
+    def _uncounted(self, stacked: torch.Tensor | None = None) -> tuple[torch.Tensor | None, int]:
+        """The sum and number of the window's losses not yet in this epoch's sum
+        (``stacked``: the window already stacked)."""
+        n = len(self._loss_window) - self._counted
+        if not n:
+            return None, 0
+        if stacked is None:
+            stacked = torch.stack(self._loss_window)
+        return _sum(stacked[self._counted :]), n
+
     def _count_window(self, stacked: torch.Tensor | None = None) -> None:
-        """Add the window's losses not yet counted to this epoch's sum (``stacked``: the
-        window already stacked)."""
-        if self._counted < len(self._loss_window):
-            if stacked is None:
-                stacked = torch.stack(self._loss_window)
-            self._epoch_loss[0] = self._epoch_loss[0] + _sum(stacked[self._counted :])
-            self._epoch_loss[1] += len(self._loss_window) - self._counted
+        """Add the window's losses not yet counted to this epoch's sum."""
+        fresh, n = self._uncounted(stacked)
+        if n:
+            self._epoch_loss[0] = self._epoch_loss[0] + fresh
+            self._epoch_loss[1] += n
         self._counted = len(self._loss_window)
 
     def _record_train_loss(self, loss: torch.Tensor) -> None:

@@ -89,13 +89,24 @@ def _hand_written_step(datamodule, task, autocast: bool) -> Counter:
     return counted.ops
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+MLP = ("data.shape=[16]", "model=mlp", "model.hidden=[8]")
+# the networks of benchmarks/gpu_step.py on small images: convolutions and BatchNorm (its
+# running statistics are updated in place), ResNet-18's residual additions
+CNN = ("data.shape=[3,16,16]", "model=cnn")
+RESNET = ("data.shape=[3,16,16]", "model=resnet18")
+
+
+@pytest.mark.parametrize(
+    "network, precision",
+    [(MLP, "32-true"), (MLP, "bf16-mixed"), (CNN, "bf16-mixed"), (RESNET, "bf16-mixed")],
+    ids=["mlp-32-true", "mlp-bf16-mixed", "cnn-bf16-mixed", "resnet18-bf16-mixed"],
+)
 def test_a_training_step_runs_the_operations_of_the_hand_written_loop(
-    cfg_factory, tmp_path, precision
+    cfg_factory, tmp_path, network, precision
 ):
     cfg = cfg_factory(
-        "data=synthetic", "data.shape=[16]", "data.num_samples=400", f"data.batch_size={BATCH}",
-        "model=mlp", "model.hidden=[8]", "optimizer=adam",
+        "data=synthetic", *network, "data.num_samples=120", f"data.batch_size={BATCH}",
+        "optimizer=adam",
         "trainer.accelerator=cpu", "trainer.max_epochs=1", f"trainer.precision={precision}",
         "trainer.log_every_n_steps=1000",  # a logging step reads the loss: not this one
     )  # fmt: skip

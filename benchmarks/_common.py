@@ -54,3 +54,19 @@ def command_line(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def names(known) -> object:
+    """An argparse ``type``: comma-separated names, each one of ``known`` (an unknown one
+    is a usage error that lists them, not a KeyError later)."""
+
+    def parse(text: str) -> list[str]:
+        chosen = [name for name in text.split(",") if name]
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(unknown) or 'none given'}: choose from {', '.join(known)}"
+            )
+        return chosen
+
+    return parse

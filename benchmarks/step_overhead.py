@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import RATIOS, REPO, command_line, goal, pickers, report
+from _common import RATIOS, REPO, command_line, goal, names, pickers, report
 from _loops import BARE_TRAINER, WARMUP, Timer, dataloader_loop, indexed_loop
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -300,8 +300,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per case")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per run")
     parser.add_argument(
-        "--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}"
-    )
+        "--cases", type=names(CASES), default=list(CASES),
+        help=f"comma-separated, of: {', '.join(CASES)}",
+    )  # fmt: skip
     args = parser.parse_args()
     global STOCK
     import pytorch_lightning.loops.training_epoch_loop as loop
@@ -311,7 +312,7 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    for case in args.cases.split(","):
+    for case in args.cases:
         measure(case, args.repeats, args.steps)
 
 

@@ -70,7 +70,7 @@ def _rank_main(config_path: str, env: dict[str, str], preempt: list[str]) -> Non
     os.environ.update(env)
     from trainyard.worker import run_rank_and_exit
 
-    run_rank_and_exit(config_path)
+    run_rank_and_exit(config_path, report_stop=False)  # the launcher reports a stop
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,19 @@ def _fraction(cfg: DictConfig, key: str, example: float, low: float = 0.0) -> No
         )
 
 
+# trainyard's own true/false settings (those of a constructor: check_flags)
+_FLAGS = ("resume", "test_after_fit", "fail_fast", "dist.find_unused_parameters")
+
+
+def _flag(key: str, value: Any, optional: bool = False) -> None:
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    raise ConfigError(
+        f"{key} must be true or false, got {value!r} ({type(value).__name__})",
+        fix=f"{key}=true or {key}=false",
+    )
+
+
 def init_source(cfg: DictConfig) -> Path | None:
     """The checkpoint ``init_from`` names (a run directory's best), or None."""
     value = cfg.get("init_from")
@@ -101,6 +114,9 @@ def check_types(cfg: DictConfig) -> None:
             fix="name=my_experiment",
         )
     _int(cfg, "seed", 0, 42)
+    for key in _FLAGS:
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            _flag(key, OmegaConf.select(cfg, key))
     init_source(cfg)
     check_trainer_keys(cfg)
     _int(cfg, "trainer.max_epochs", -1, 10, optional=True)
@@ -313,6 +329,75 @@ def check_trainer_keys(cfg: DictConfig) -> None:
         )
 
 
+_BOOL_TYPES = {"bool": False, "Optional[bool]": True, "bool | None": True, "None | bool": True}
+
+
+def _bool_parameters(target: str) -> dict[str, bool]:
+    """The parameters of ``target`` that take true or false: {name: whether None is also
+    accepted}. Read from the signature (through ``**kwargs`` to the base classes' own);
+    an annotation that admits anything else (``Literal["all"] | bool``) is left out."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:  # instantiating it fails with the reason, in check_constructible
+        return {}
+    found: dict[str, bool] = {}
+    for fn in _signatures(obj):
+        try:
+            parameters = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            break
+        for p in parameters:
+            annotation = p.annotation
+            if annotation is inspect.Parameter.empty:
+                kind = False if isinstance(p.default, bool) else None
+            else:
+                text = annotation if isinstance(annotation, str) else str(annotation)
+                text = "bool" if annotation is bool else text.replace("typing.", "")
+                kind = _BOOL_TYPES.get(text)
+            if kind is not None:
+                found.setdefault(p.name, kind)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return found
+
+
+def _signatures(obj: Any) -> list:
+    """``obj`` itself, or for a class each ``__init__`` along its bases, nearest first."""
+    import inspect
+
+    if not inspect.isclass(obj):
+        return [obj]
+    return [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c) and c is not object]
+
+
+def _targets(node: Any, key: str = "") -> Iterator[tuple[str, dict]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield key, node
+        for name, value in node.items():
+            yield from _targets(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{key}[{i}]")
+
+
+def check_flags(cfg: DictConfig) -> None:
+    """A setting that a constructor takes as true or false is given true or false.
+
+    A value on a command line that YAML does not read as a boolean (``data.normalize=no``,
+    ``off``, ``1``) arrives as a string or a number, and Python takes any non-empty string
+    as true: the run would silently do the opposite of what was asked."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key, node in _targets(plain):
+        for name, optional in _bool_parameters(node["_target_"]).items():
+            if name in node:
+                _flag(f"{key}.{name}", node[name], optional)
+
+
 def check_constructible(cfg: DictConfig) -> None:
     """Build what is cheap, so a value a constructor refuses fails here, not after the
     imports on a node: the data module (without loading data), the network, the loss on a
@@ -322,6 +407,7 @@ def check_constructible(cfg: DictConfig) -> None:
 
     from trainyard.worker import build_net, init_weights
 
+    check_flags(cfg)
     with _constructing("data", "check the data.* settings"):
         datamodule = instantiate(cfg.data)
     classes = datamodule.num_classes
@@ -329,6 +415,7 @@ def check_constructible(cfg: DictConfig) -> None:
     with _constructing("model", "check the model.* settings (trainyard-train --help lists them)"):
         net = build_net(cfg, datamodule)
     init_weights(cfg, net, quiet=True)  # the weights init_from names fit this network
+    _check_batch_of_one(cfg, net, datamodule.input_shape)
     with _constructing("loss", "check the loss.* settings (loss.label_smoothing in [0, 1])"):
         instantiate(cfg.loss)(torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
     param = torch.nn.Parameter(torch.zeros(2))
@@ -345,6 +432,31 @@ def check_constructible(cfg: DictConfig) -> None:
             } & set(keywords):
                 extra["total_steps"] = 10
             factory(optimizer=optimizer, **extra)
+
+
+def _check_batch_of_one(cfg: DictConfig, net: Any, input_shape) -> None:
+    """``data.batch_size=1`` trains only a network that can normalise one sample: BatchNorm
+    with a single value per channel (BatchNorm1d, or a 1x1 feature map) raises in training.
+    Found on a dummy sample here instead of at the first step, with a traceback."""
+    if cfg.data.get("batch_size") != 1:
+        return
+    import torch
+
+    net.train()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *input_shape))
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            return  # not this check's business: training reports it as it happens
+        switch = " or model.batch_norm=false" if "batch_norm" in cfg.model else ""
+        raise ConfigError(
+            f"data.batch_size=1 cannot train this network: its BatchNorm would normalise a "
+            f"single value per channel ({exc})",
+            fix=f"data.batch_size=2 (or more){switch}",
+        ) from None
+    except Exception:
+        return  # a dummy input of zeros may not suit every network; training will tell
 
 
 def check_config(cfg: DictConfig, build: bool = True) -> DictConfig:

@@ -41,6 +41,7 @@ class StopRequest:
 
 _request: StopRequest | None = None
 _received: set[str] = set()  # every stop signal this process got, not only the first
+_preempt_signums: set[int] = set()  # the signals install() routed to a stop
 
 
 def parse(names: Iterable[str]) -> list[signal.Signals]:
@@ -60,8 +61,23 @@ def parse(names: Iterable[str]) -> list[signal.Signals]:
 
 def install(preempt: Iterable[str] = DEFAULT_PREEMPT) -> None:
     """Route the preemption signals and SIGINT to the stop request. Idempotent."""
-    route(parse(preempt), _on_preempt)
+    signums = parse(preempt)
+    _preempt_signums.update(signums)
+    route(signums, _on_preempt)
     route([signal.SIGINT], _on_interrupt)
+
+
+def settle() -> None:
+    """The process's work is done and recorded: a preemption signal from here on has
+    nothing left to stop, so it is ignored and the exit code stays the one the work earned.
+
+    Python restores the default action of the signals it handles when it starts shutting
+    down, before it tears down its modules (about a second after a torch run): a
+    scheduler's SIGTERM there ended a completed trial with 143, which Slurm and Kubernetes
+    read as killed. SIGINT keeps its default, so a shutdown that hangs can be interrupted.
+    """
+    for signum in {signal.SIGTERM, *_preempt_signums}:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def route(signums: Iterable[int], handler) -> None:

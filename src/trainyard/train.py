@@ -35,6 +35,7 @@ from trainyard.errors import (
     ConfigError,
     Stopped,
     TrainyardError,
+    TrialBusy,
 )
 from trainyard.freeze import freeze, load_frozen
 from trainyard.rundir import RunDir, read_json
@@ -167,6 +168,19 @@ def _trial_failed(run_dir: str, message: str, code: int, multirun: bool, fail_fa
     sys.exit(code)
 
 
+def _note_refusal(run: RunDir, exc: TrainyardError) -> None:
+    """An attempt refused in a run directory that stays (a corrupt last.ckpt, a trial
+    already running) says why in its train.log too, after its start, not only on the
+    console. Not a refusal because another process trains the trial: its log is that
+    process's."""
+    if isinstance(exc, TrialBusy):
+        return
+    if run.root.is_dir() and not _only_hydras(run):
+        from trainyard.worker import note_in_train_log
+
+        note_in_train_log(run, f"trainyard: {exc.render()}")
+
+
 def _only_hydras(run: RunDir) -> bool:
     """The directory holds nothing but what Hydra wrote when this run started."""
     if not run.root.is_dir() or run.config.exists() or run.status_file.exists():
@@ -196,6 +210,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except TrainyardError as exc:
         # A clean message and a meaningful exit code, not a traceback through Hydra.
         print(f"trainyard: {exc.render()}", file=sys.stderr)
+        _note_refusal(RunDir(run_dir), exc)
         return _trial_failed(run_dir, exc.message, exc.exit_code, multirun, fail_fast)
     except signals.InterruptNow:
         print("trainyard: interrupted", file=sys.stderr)
@@ -208,6 +223,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    try:
+        _main()
+    finally:
+        signals.settle()  # what is left is Python's shutdown: nothing a signal could stop
+
+
+def _main() -> None:
     try:
         hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before trainyard's own handler was installed

@@ -534,15 +534,18 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def run_rank_and_exit(config_path: str) -> None:
+def run_rank_and_exit(config_path: str, report_stop: bool = True) -> None:
     """Train this rank and exit with the code :func:`run_rank_code` returns."""
-    exit_now(run_rank_code(config_path))
+    exit_now(run_rank_code(config_path, report_stop))
 
 
-def run_rank_code(config_path: str) -> int:
+def run_rank_code(config_path: str, report_stop: bool = True) -> int:
     """Train this rank; return a code that says how it ended (0, 2 bad input, 3 failed,
     75 preempted, 130 interrupted), leaving an error file for the launcher and, on rank 0,
-    the state in status.json. Nothing escapes but the code."""
+    the state in status.json. Nothing escapes but the code.
+
+    ``report_stop``: rank 0 prints why training stopped; False where the launcher that
+    started the ranks prints it to the same console (it would be there twice)."""
     import sys
     import traceback
 
@@ -554,7 +557,7 @@ def run_rank_code(config_path: str) -> int:
         code = 0
     except Stopped as exc:
         code = exc.exit_code
-        if rank == 0:
+        if rank == 0 and report_stop:
             print(f"trainyard: {exc.render()}", file=sys.stderr)
     except InterruptNow:
         code = EXIT_INTERRUPTED

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,6 +147,7 @@ def test_a_signal_at_any_moment_is_recorded_and_never_a_success(
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
+    assert stderr.count("received: stopped") == 1, stderr  # once, by whoever started the ranks
     status = _status(run)
     assert status["state"] == state
     assert not (run / "result.json").exists()
@@ -191,3 +194,35 @@ def test_a_signal_while_the_ranks_start_is_a_stop_not_a_success(tmp_path, signum
     [run] = run_dirs(tmp_path)
     assert _status(run)["state"] in ("preempted", "interrupted")
     assert not (run / "result.json").exists()
+
+
+# a scheduler's SIGTERM in a finished process's last moment: sent by an object that Python
+# destroys while it tears its modules down, after it has put back the signals' defaults
+_SIGNAL_AT_SHUTDOWN = """
+import os, signal, sys, time
+
+class Late:
+    def __del__(self, kill=os.kill, pid=os.getpid(), term=signal.SIGTERM, sleep=time.sleep):
+        kill(pid, term)
+        sleep(1)
+
+late = Late()
+from trainyard import train
+sys.argv[0] = "trainyard-train"
+train.main()
+"""
+
+
+@pytest.mark.parametrize("extra", [[], DDP], ids=["one-device", "ddp"])
+def test_a_stop_signal_as_a_completed_run_exits_leaves_it_a_success(tmp_path, extra):
+    """Status says completed and a re-run trains nothing: the exit code must say so too,
+    not 143 (killed), which a scheduler would count against the job."""
+    args = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", *extra]
+    env = {**os.environ, **ENV, "TRAINYARD_ROOT": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_SHUTDOWN, *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    [run] = run_dirs(tmp_path)
+    assert _status(run)["state"] == "completed"

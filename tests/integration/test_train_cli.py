@@ -92,6 +92,9 @@ def test_killed_run_resumes_from_last_ckpt_and_a_corrupt_one_is_left_alone(tmp_p
     assert "is corrupt" in out.stderr and "Traceback" not in out.stderr
     assert "mv " in out.stderr  # the fix
     assert last().read_bytes() == broken  # left exactly as it was
+    # the run's own log says why this attempt trained nothing, and the fix
+    log_tail = (run / "train.log").read_text().splitlines()[-3:]
+    assert any("is corrupt" in line for line in log_tail), log_tail
 
     last().write_bytes(good)
     out = train_cli(args, tmp_path)

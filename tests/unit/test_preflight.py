@@ -154,3 +154,57 @@ def test_a_misspelt_trainer_key_is_refused_without_building_anything(cfg_factory
     with pytest.raises(ConfigError, match=r"trainer\.max_epoch is not an argument") as info:
         preflight.check_config(freeze(cfg_factory("+trainer.max_epoch=1")), build=False)
     assert info.value.fix.startswith("trainer.max_epochs")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.normalize=no",  # trained as if yes: any non-empty string is true in Python
+        "data.augment=1",
+        "data.on_device=maybe",  # a base class's setting, reached through **kwargs
+        "model.batch_norm=off",
+        "test_after_fit=no",
+        "resume=yes",
+        "+optimizer.amsgrad=yes",  # torch's own constructor
+        "trainer.sync_batchnorm=off",  # Lightning's
+        "+callbacks.checkpoint.save_weights_only=no",
+    ],
+)
+def test_a_true_or_false_setting_given_anything_else_is_refused(cfg_factory, override):
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        preflight.check_config(freeze(cfg_factory(override)))
+    assert f"{key} must be true or false, got" in info.value.message
+    assert info.value.fix == f"{key}=true or {key}=false"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.normalize=false", "model.batch_norm=true", "+optimizer.fused=null", "resume=false"],
+)
+def test_true_false_and_none_where_allowed_pass(cfg_factory, override):
+    preflight.check_config(freeze(cfg_factory(override)))
+
+
+class _LogsModels:
+    """A constructor whose true/false-defaulted setting also takes a word (as
+    WandbLogger's ``log_model: Literal["all"] | bool``)."""
+
+    def __init__(self, log_model: bool | str = False, quiet: bool = True, **kwargs):
+        self.log_model, self.quiet = log_model, quiet
+
+
+def test_a_setting_that_also_takes_other_values_is_not_taken_for_a_flag():
+    found = preflight._bool_parameters(f"{__name__}._LogsModels")
+    assert found == {"quiet": False}
+
+
+def test_a_batch_of_one_is_refused_for_a_network_whose_batchnorm_cannot_take_it(cfg_factory):
+    overrides = ("data=synthetic", "data.shape=[12]", "model=mlp", "data.batch_size=1")
+    with pytest.raises(ConfigError) as info:
+        preflight.check_config(freeze(cfg_factory(*overrides, "model.batch_norm=true")))
+    assert "data.batch_size=1 cannot train this network" in info.value.message
+    assert info.value.fix == "data.batch_size=2 (or more) or model.batch_norm=false"
+    # without BatchNorm, or with BatchNorm2d over several pixels, one sample trains
+    preflight.check_config(freeze(cfg_factory(*overrides, "model.batch_norm=false")))
+    preflight.check_config(freeze(cfg_factory("model=cnn", "data.batch_size=1")))

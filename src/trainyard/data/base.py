@@ -99,7 +99,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         if train and len(sampler) == 1 and self.batch_size > 1:
             # the one batch that dropping a trailing single sample cannot fix
             raise DataError(
-                "one training sample per rank: a batch of one cannot train BatchNorm",
+                "one training sample per rank: trainyard makes no training batch of one "
+                "(BatchNorm cannot train on it), so there would be nothing to train on",
                 fix="use more training data or fewer ranks",
             )
         if isinstance(dataset, InMemoryDataset):

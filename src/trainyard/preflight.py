@@ -74,7 +74,10 @@ def _fraction(cfg: DictConfig, key: str, example: float, low: float = 0.0) -> No
 
 
 # trainyard's own true/false settings (those of a constructor: check_flags)
-_FLAGS = ("resume", "test_after_fit", "fail_fast", "dist.find_unused_parameters")
+_FLAGS = (
+    "resume", "test_after_fit", "fail_fast", "dist.find_unused_parameters",
+    "cluster.allow_dirty", "cluster.container.allow_dirty", "cluster.local_pods",
+)  # fmt: skip
 
 
 def _flag(key: str, value: Any, optional: bool = False) -> None:
@@ -329,7 +332,10 @@ def check_trainer_keys(cfg: DictConfig) -> None:
         )
 
 
-_BOOL_TYPES = {"bool": False, "Optional[bool]": True, "bool | None": True, "None | bool": True}
+# annotations that admit only true or false (or None), spaces and "typing." left out
+_BOOL_TYPES = {"bool": False} | dict.fromkeys(
+    ("Optional[bool]", "bool|None", "None|bool", "Union[bool,None]", "Union[None,bool]"), True
+)
 
 
 def _bool_parameters(target: str) -> dict[str, bool]:
@@ -344,25 +350,29 @@ def _bool_parameters(target: str) -> dict[str, bool]:
         obj = get_object(target)
     except Exception:  # instantiating it fails with the reason, in check_constructible
         return {}
-    found: dict[str, bool] = {}
+    found: dict[str, bool | None] = {}  # None: declared, not a flag (hides a base's)
     for fn in _signatures(obj):
         try:
             parameters = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):
             break
         for p in parameters:
-            annotation = p.annotation
-            if annotation is inspect.Parameter.empty:
-                kind = False if isinstance(p.default, bool) else None
-            else:
-                text = annotation if isinstance(annotation, str) else str(annotation)
-                text = "bool" if annotation is bool else text.replace("typing.", "")
-                kind = _BOOL_TYPES.get(text)
-            if kind is not None:
-                found.setdefault(p.name, kind)
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                found.setdefault(p.name, _flag_kind(p))
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             break
-    return found
+    return {name: kind for name, kind in found.items() if kind is not None}
+
+
+def _flag_kind(p) -> bool | None:
+    """None: not a flag; else whether None is accepted too (``flag: bool = None`` says so
+    by its default, whatever its annotation)."""
+    annotation = p.annotation
+    if annotation is p.empty:
+        return False if isinstance(p.default, bool) else None
+    text = "bool" if annotation is bool else str(annotation)
+    kind = _BOOL_TYPES.get(text.replace("typing.", "").replace(" ", ""))
+    return kind if kind is None else kind or p.default is None
 
 
 def _signatures(obj: Any) -> list:
@@ -438,7 +448,7 @@ def _check_batch_of_one(cfg: DictConfig, net: Any, input_shape) -> None:
     """``data.batch_size=1`` trains only a network that can normalise one sample: BatchNorm
     with a single value per channel (BatchNorm1d, or a 1x1 feature map) raises in training.
     Found on a dummy sample here instead of at the first step, with a traceback."""
-    if cfg.data.get("batch_size") != 1:
+    if cfg.data.get("batch_size") != 1 or _synchronised_batchnorm(cfg):
         return
     import torch
 
@@ -457,6 +467,14 @@ def _check_batch_of_one(cfg: DictConfig, net: Any, input_shape) -> None:
         ) from None
     except Exception:
         return  # a dummy input of zeros may not suit every network; training will tell
+
+
+def _synchronised_batchnorm(cfg: DictConfig) -> bool:
+    """SyncBatchNorm over several ranks normalises over the global batch: one sample per
+    rank trains (the usual setting for large images). ``devices: auto`` may be several."""
+    trainer = cfg.trainer
+    several = trainer.get("num_nodes", 1) != 1 or trainer.get("devices", 1) not in (1, "1")
+    return bool(trainer.get("sync_batchnorm")) and several
 
 
 def check_config(cfg: DictConfig, build: bool = True) -> DictConfig:

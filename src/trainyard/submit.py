@@ -31,7 +31,8 @@ from trainyard.errors import ConfigError
 from trainyard.rundir import one_sync, trial_key, write_json
 
 SUBMISSION = "submission.json"  # what was sent where: read by status, logs and cancel
-_BUILT = ("data", "model", "loss", "optimizer", "scheduler")  # what check_constructible reads
+# what check_constructible reads (its flags' check: every section with constructors)
+_BUILT = ("data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger")
 
 
 @dataclass

@@ -186,17 +186,38 @@ def test_true_false_and_none_where_allowed_pass(cfg_factory, override):
     preflight.check_config(freeze(cfg_factory(override)))
 
 
-class _LogsModels:
+class _Base:
+    def __init__(self, log_model: bool = False, level: "Union[bool, None]" = None):  # noqa: F821
+        self.log_model, self.level = log_model, level
+
+
+class _LogsModels(_Base):
     """A constructor whose true/false-defaulted setting also takes a word (as
-    WandbLogger's ``log_model: Literal["all"] | bool``)."""
+    WandbLogger's ``log_model: Literal["all"] | bool``), over a base that took only
+    true/false; ``sloppy`` takes None by its default, whatever its annotation says."""
 
-    def __init__(self, log_model: bool | str = False, quiet: bool = True, **kwargs):
-        self.log_model, self.quiet = log_model, quiet
+    def __init__(
+        self,
+        log_model: bool | str = False,
+        quiet: bool = True,
+        sloppy: bool = None,  # noqa: RUF013
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.log_model, self.quiet, self.sloppy = log_model, quiet, sloppy
 
 
-def test_a_setting_that_also_takes_other_values_is_not_taken_for_a_flag():
+def test_which_settings_are_taken_for_flags():
     found = preflight._bool_parameters(f"{__name__}._LogsModels")
-    assert found == {"quiet": False}
+    # the nearer declaration of log_model decides; the base's own level (a string
+    # annotation) is reached through **kwargs; the bool: None flags accept null
+    assert found == {"quiet": False, "sloppy": True, "level": True}
+
+
+def test_a_cluster_flag_is_checked_where_a_sweep_is_submitted(cfg_factory):
+    with pytest.raises(ConfigError, match=r"cluster\.allow_dirty must be true or false"):
+        preflight.check_config(freeze(cfg_factory("cluster=k8s", "cluster.allow_dirty=no")),
+                               build=False)  # fmt: skip
 
 
 def test_a_batch_of_one_is_refused_for_a_network_whose_batchnorm_cannot_take_it(cfg_factory):
@@ -208,3 +229,6 @@ def test_a_batch_of_one_is_refused_for_a_network_whose_batchnorm_cannot_take_it(
     # without BatchNorm, or with BatchNorm2d over several pixels, one sample trains
     preflight.check_config(freeze(cfg_factory(*overrides, "model.batch_norm=false")))
     preflight.check_config(freeze(cfg_factory("model=cnn", "data.batch_size=1")))
+    # SyncBatchNorm over several ranks normalises over the global batch
+    ddp = ("trainer=ddp", "trainer.devices=2", "trainer.sync_batchnorm=true")
+    preflight.check_config(freeze(cfg_factory(*overrides, "model.batch_norm=true", *ddp)))

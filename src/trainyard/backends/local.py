@@ -90,4 +90,8 @@ def main(run_dirs: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from trainyard import signals
+
+    code = main(sys.argv[1:])
+    signals.settle()  # recorded: a signal during Python's shutdown must not change the code
+    sys.exit(code)

@@ -210,4 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signals.settle()  # recorded: a signal during Python's shutdown must not change the code
+    sys.exit(code)

@@ -39,6 +39,7 @@ def test_every_option_composes_and_instantiates(cfg_factory, group, option):
     extra = ["model=rnn"] if option == "synthetic_sequence" else []
     cfg = freeze(cfg_factory(f"{group}={option}", *extra))
     preflight.check_types(cfg)
+    preflight.check_flags(cfg)  # no shipped true/false setting is taken for anything else
     if group == "trainer" and option == "gpu":
         return  # its devices are checked against the machine in test_preflight
     data = instantiate(cfg.data)

@@ -35,16 +35,14 @@ Usage: python benchmarks/gpu_step.py [--repeats 2] [--steps 200] [--cases resnet
 
 from __future__ import annotations
 
-import logging
 import statistics
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import step_overhead as cpu_bench
 import torch
-from _common import RATIOS, command_line, goal, names, pickers, report
+from _common import RATIOS, goal, pickers, report
 from _loops import dataloader_loop, indexed_loop
 from _profile import ProfiledTimer, op_difference
 
@@ -139,13 +137,7 @@ def profile(case: str, steps: int, device: str, variants: tuple[str, ...], media
 
 
 def main() -> int:
-    parser = command_line(__doc__)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per case")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per run")
-    parser.add_argument(
-        "--cases", type=names(CASES), default=list(CASES),
-        help=f"comma-separated, of: {', '.join(CASES)}",
-    )  # fmt: skip
+    parser = cpu_bench.step_command_line(__doc__, CASES, repeats=2)
     parser.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda",
         help="cpu: check this script on a machine without a GPU (its timings say nothing)",
@@ -164,14 +156,9 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_step: skipped: no CUDA GPU is visible to torch (nothing was measured)")
         return 0
-    import pytorch_lightning.loops.training_epoch_loop as loop
-    import pytorch_lightning.trainer.call as call
-
-    cpu_bench.STOCK = (loop.is_param_in_hook_signature, call._call_callback_hooks)
     torch.set_float32_matmul_precision("high")  # what trainer=gpu sets, for every column
     torch.backends.cudnn.benchmark = True
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    cpu_bench.quiet()
     if args.device == "cuda":
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     else:

@@ -34,6 +34,7 @@ Usage: python benchmarks/step_overhead.py [--repeats 5] [--steps 200] [--cases m
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -88,7 +89,6 @@ def compose(overrides: list[str], root: Path, steps: int):
 
 
 NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
-STOCK: tuple = ()  # Lightning's own functions, saved before trainyard patches them
 
 
 @contextlib.contextmanager
@@ -106,18 +106,24 @@ def environment(**settings: str | None):
 
 @contextlib.contextmanager
 def stock_lightning():
-    """Lightning as shipped: its NVML setting and no trainyard patch (the reference)."""
+    """Lightning as shipped: its NVML setting and none of trainyard's patches (the
+    reference). Each patch keeps Lightning's own function as ``__wrapped__``."""
     import pytorch_lightning.loops.training_epoch_loop as loop
     import pytorch_lightning.trainer.call as call
 
-    patched = loop.is_param_in_hook_signature, call._call_callback_hooks
-    loop.is_param_in_hook_signature = STOCK[0]
-    call._call_callback_hooks = STOCK[1]
+    from trainyard import lean
+
+    places = [(loop, "is_param_in_hook_signature"), (call, "_call_callback_hooks")]
+    places += [(enum, "__eq__") for enum in lean._trainer_enums()]
+    patched = [getattr(owner, name) for owner, name in places]
+    for (owner, name), fn in zip(places, patched, strict=True):
+        setattr(owner, name, getattr(fn, "__wrapped__", fn))
     try:
         with environment(**{NVML: "1"}):
             yield
     finally:
-        loop.is_param_in_hook_signature, call._call_callback_hooks = patched
+        for (owner, name), fn in zip(places, patched, strict=True):
+            setattr(owner, name, fn)
 
 
 def machine(cfg) -> tuple[torch.device, torch.dtype | None]:
@@ -295,23 +301,30 @@ def measure(case: str, repeats: int, steps: int) -> None:
         )
 
 
-def main() -> None:
-    parser = command_line(__doc__)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per case")
+def step_command_line(doc: str, cases, repeats: int) -> argparse.ArgumentParser:
+    """The options both step benchmarks take (this one and gpu_step.py)."""
+    parser = command_line(doc)
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved runs per case")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per run")
     parser.add_argument(
-        "--cases", type=names(CASES), default=list(CASES),
-        help=f"comma-separated, of: {', '.join(CASES)}",
+        "--cases", type=names(cases), default=list(cases),
+        help=f"comma-separated, of: {', '.join(cases)}",
     )  # fmt: skip
-    args = parser.parse_args()
-    global STOCK
-    import pytorch_lightning.loops.training_epoch_loop as loop
-    import pytorch_lightning.trainer.call as call
+    return parser
 
-    STOCK = (loop.is_param_in_hook_signature, call._call_callback_hooks)
-    torch.set_num_threads(2)
+
+def quiet() -> None:
+    """No warnings or Lightning info lines between the tables."""
+    import pytorch_lightning  # noqa: F401  (its import sets its logger's level: first)
+
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    args = step_command_line(__doc__, CASES, repeats=5).parse_args()
+    torch.set_num_threads(2)
+    quiet()
     for case in args.cases:
         measure(case, args.repeats, args.steps)
 

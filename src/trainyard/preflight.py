@@ -118,8 +118,7 @@ def check_types(cfg: DictConfig) -> None:
         )
     _int(cfg, "seed", 0, 42)
     for key in _FLAGS:
-        if OmegaConf.select(cfg, key, default=None) is not None:
-            _flag(key, OmegaConf.select(cfg, key))
+        _flag(key, OmegaConf.select(cfg, key, default=None), optional=True)  # absent: fine
     init_source(cfg)
     check_trainer_keys(cfg)
     _int(cfg, "trainer.max_epochs", -1, 10, optional=True)

@@ -18,6 +18,7 @@ handler can safely do while the main thread may be inside a collective.
 
 from __future__ import annotations
 
+import atexit
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class StopRequest:
 
 _request: StopRequest | None = None
 _received: set[str] = set()  # every stop signal this process got, not only the first
-_preempt_signums: set[int] = set()  # the signals install() routed to a stop
+_routed: set[int] = set()  # stop signals routed to a handler here: ignored at exit (_settle)
 
 
 def parse(names: Iterable[str]) -> list[signal.Signals]:
@@ -61,22 +62,22 @@ def parse(names: Iterable[str]) -> list[signal.Signals]:
 
 def install(preempt: Iterable[str] = DEFAULT_PREEMPT) -> None:
     """Route the preemption signals and SIGINT to the stop request. Idempotent."""
-    signums = parse(preempt)
-    _preempt_signums.update(signums)
-    route(signums, _on_preempt)
+    route(parse(preempt), _on_preempt)
     route([signal.SIGINT], _on_interrupt)
 
 
-def settle() -> None:
-    """The process's work is done and recorded: a preemption signal from here on has
-    nothing left to stop, so it is ignored and the exit code stays the one the work earned.
+def _settle() -> None:
+    """At exit (atexit, before Python's shutdown proper): what the process did is recorded,
+    so a stop signal from here on has nothing left to stop; it is ignored, and the exit
+    code stays the one the work earned.
 
-    Python restores the default action of the signals it handles when it starts shutting
-    down, before it tears down its modules (about a second after a torch run): a
+    Python restores the default action of the signals it handles right after the exit
+    handlers, before it tears down its modules (about a second after a torch run): a
     scheduler's SIGTERM there ended a completed trial with 143, which Slurm and Kubernetes
     read as killed. SIGINT keeps its default, so a shutdown that hangs can be interrupted.
+    (Ranks and pods leave with ``os._exit``, which has no such second.)
     """
-    for signum in {signal.SIGTERM, *_preempt_signums}:
+    for signum in _routed:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -89,6 +90,9 @@ def route(signums: Iterable[int], handler) -> None:
     for signum in signums:
         signal.signal(signum, handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+    if not _routed:
+        atexit.register(_settle)
+    _routed.update(signums - {signal.SIGINT})
 
 
 def _on_preempt(signum: int, frame) -> None:

@@ -169,10 +169,9 @@ def _trial_failed(run_dir: str, message: str, code: int, multirun: bool, fail_fa
 
 
 def _note_refusal(run: RunDir, exc: TrainyardError) -> None:
-    """An attempt refused in a run directory that stays (a corrupt last.ckpt, a trial
-    already running) says why in its train.log too, after its start, not only on the
-    console. Not a refusal because another process trains the trial: its log is that
-    process's."""
+    """An attempt refused in a run directory that stays (a corrupt last.ckpt, a dataset
+    gone missing) says why in its train.log too, after its start, not only on the console.
+    Not a refusal because another process trains the trial: its log is that process's."""
     if isinstance(exc, TrialBusy):
         return
     if run.root.is_dir() and not _only_hydras(run):
@@ -223,13 +222,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    try:
-        _main()
-    finally:
-        signals.settle()  # what is left is Python's shutdown: nothing a signal could stop
-
-
-def _main() -> None:
     try:
         hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before trainyard's own handler was installed

@@ -90,8 +90,4 @@ def main(run_dirs: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from trainyard import signals
-
-    code = main(sys.argv[1:])
-    signals.settle()  # recorded: a signal during Python's shutdown must not change the code
-    sys.exit(code)
+    sys.exit(main(sys.argv[1:]))

@@ -210,6 +210,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    signals.settle()  # recorded: a signal during Python's shutdown must not change the code
-    sys.exit(code)
+    sys.exit(main())

@@ -35,7 +35,7 @@ class SlurmTrial:
     """The callable submitit runs in every task; ``run_dir`` holds the frozen config."""
 
     def __call__(self, run_dir: str) -> dict[str, Any] | None:
-        from trainyard import signals, worker
+        from trainyard import worker
         from trainyard.errors import EXIT_FAILED, EXIT_PREEMPTED
         from trainyard.rundir import RunDir, read_json
 
@@ -44,9 +44,6 @@ class SlurmTrial:
         rank = worker.global_rank()
         if code == 0:
             worker.leave_process_group()
-            # done: submitit returns the result and Python shuts down, where a SIGTERM
-            # (the time limit, a cancel) would end the completed task as killed
-            signals.settle()
             return read_json(run.result_file) if rank == 0 else None
         if code == EXIT_PREEMPTED and rank == 0 and self._requeue_after_warning(run) is False:
             code = EXIT_FAILED  # stuck: recorded as failed, not requeued
